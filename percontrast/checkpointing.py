@@ -1,0 +1,130 @@
+"""Crash-safe checkpoints for ``PerCETrainer``.
+
+``transformers.Trainer._save_checkpoint`` (5.x) writes straight into ``checkpoint-N``: the
+weights, then ``optimizer.pt`` / ``scheduler.pt`` / ``rng_state*.pth``, and
+``trainer_state.json`` last. A crash in between leaves a ``checkpoint-N`` folder that
+``get_last_checkpoint`` picks for ``--resume`` although it is unusable (no optimizer, or no
+trainer state, in which case the Trainer silently restarts the step count at 0).
+
+``AtomicCheckpointMixin`` lets the stock code write into a staging folder
+``<output_dir>/.checkpoint-staging/checkpoint-N``, fsyncs it, and only then renames it to
+``<output_dir>/checkpoint-N`` (a rename within one file system is atomic), so at any
+instant every ``checkpoint-N`` is complete and a crash leaves the previous one usable.
+Older checkpoints are rotated only after the new one is in place. Besides what the
+Trainer saves (weights, optimizer, scheduler, RNG, step = data position), it stores the
+trainer's own state named in ``extra_state_attrs`` (PerCE's per-example PIR cache for
+``--refresh every_k/once`` and the skipped-step counter) in ``percontrast_state.pt``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+STAGING = ".checkpoint-staging"
+EXTRA_STATE = "percontrast_state.pt"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+COMPLETE_MARKER = "trainer_state.json"   # the Trainer writes it last
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` to disk (so the rename never publishes
+    files whose data is still only in the page cache)."""
+    for p in sorted(folder.rglob("*"), reverse=True):
+        _fsync_path(p)
+    _fsync_path(folder)
+
+
+def _fsync_path(p: Path) -> None:
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:   # some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def complete_checkpoints(out: str | Path) -> list[Path]:
+    """``checkpoint-N`` folders of a run that hold a trainer state, oldest first."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir()
+             if p.is_dir() and (m := _CKPT.match(p.name)) and (p / COMPLETE_MARKER).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out: str | Path) -> str | None:
+    ckpts = complete_checkpoints(out)
+    return str(ckpts[-1]) if ckpts else None
+
+
+class AtomicCheckpointMixin:
+    """Mix in before ``transformers.Trainer``: ``class T(AtomicCheckpointMixin, Trainer)``."""
+
+    extra_state_attrs: tuple[str, ...] = ()
+    _staging_root: str | None = None
+
+    def _get_output_dir(self, trial):
+        # While a checkpoint is being written the Trainer sees the staging folder as the run
+        # folder, so everything it writes (on every rank) lands there.
+        if self._staging_root is not None:
+            return self._staging_root
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = Path(super()._get_output_dir(trial))
+        staging = run_dir / STAGING
+        name = f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)   # leftovers of a crashed save
+            staging.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save and self.extra_state_attrs:
+                import torch
+                torch.save({a: getattr(self, a) for a in self.extra_state_attrs if hasattr(self, a)},
+                           staging / name / EXTRA_STATE)
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()        # every rank's files are in the staging folder
+        if self.args.should_save:
+            src, dst = staging / name, run_dir / name
+            _fsync_tree(src)
+            if dst.exists():   # the same step saved again (e.g. after a resume): replace it
+                old = run_dir / f".{name}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(dst, old)
+                os.replace(src, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(src, dst)
+            _fsync_path(run_dir)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.state.best_model_checkpoint and STAGING in self.state.best_model_checkpoint:
+                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
+                    os.sep + STAGING, "")
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = Path(checkpoint) / EXTRA_STATE
+        if path.is_file():
+            import torch
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            for k, v in state.items():
+                if k in self.extra_state_attrs:
+                    setattr(self, k, v)

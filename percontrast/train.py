@@ -1,0 +1,199 @@
+"""``percontrast train``: fine-tune with ce / perce / lossce / entce, full or LoRA.
+
+    percontrast train --model smollm2-135m --data train.jsonl --task email
+        --method perce --clip-min 0.8 --clip-max 5.0 --lora --output-dir runs/perce
+
+The output directory gets checkpoints (``checkpoint-N``, resumable with ``--resume``),
+the final model or adapter with its tokenizer, ``train_config.yaml`` and
+``train_results.json`` (loss per logged step, mean PIR / weight, wall time, versions).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import field
+from .errors import UserError
+from .losses import METHODS
+from .options import ModelDataOptions, check_clip
+
+
+@dataclass
+class TrainConfig(ModelDataOptions):
+    method: str = field("perce", help="Loss: ce (plain), perce (PIR weights, the paper), lossce (weights "
+                        "from the token loss), entce (weights from predictive entropy).", choices=METHODS)
+    clip_min: float = field(0.8, help="m: lower clip of the token weights (the paper's 0.8).")
+    clip_max: float = field(5.0, help="M: upper clip of the token weights (the paper's 5.0).")
+    allow_negative_clip: bool = field(False, help="Permit clip_min < 0 (negative-PIR tokens then get "
+                                      "gradient ascent; never tried in the paper).")
+    normalize: str = field("tokens", help="Divide the weighted sum by the number of response tokens "
+                           "(tokens, the paper's -1/n) or by the sum of weights (weights).",
+                           choices=("tokens", "weights"))
+    refresh: str = field("step", help="When PerCE weights are re-estimated: every step (step, the paper's "
+                         "bootstrap), every_k (cached per example, recomputed every --refresh-every steps; ours) "
+                         "or once (first time an example is seen; ours).", choices=("step", "every_k", "once"))
+    refresh_every: int = field(4, help="k for --refresh every_k.")
+    lora: bool = field(False, help="Train LoRA adapters (peft) instead of all weights.")
+    lora_r: int = field(8, help="LoRA rank.")
+    lora_alpha: int = field(16, help="LoRA alpha.")
+    lora_dropout: float = field(0.0, help="LoRA dropout.")
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                           help="Modules that get LoRA adapters.")
+    learning_rate: float = field(2e-5, help="Peak learning rate (the paper sweeps 2e-6 .. 5e-5).")
+    epochs: float = field(3.0, help="Training epochs (the paper: 3).")
+    max_steps: int = field(-1, help="Stop after N optimizer steps (overrides epochs when > 0).")
+    batch_size: int = field(4, help="Examples per device per micro-batch.")
+    grad_accum: int = field(1, help="Gradient accumulation steps (global batch = batch_size x grad_accum x processes).")
+    weight_decay: float = field(0.0, help="AdamW weight decay.")
+    warmup: float = field(0.0, help="Warm-up: a fraction of training if < 1, else a number of steps.")
+    lr_scheduler: str = field("linear", help="transformers scheduler name (linear, cosine, constant, ...).")
+    max_grad_norm: float = field(1.0, help="Gradient clipping norm.")
+    gradient_checkpointing: bool = field(False, help="Recompute activations in backward to save memory.")
+    bf16: bool = field(False, help="bfloat16 mixed precision (GPUs that support it).")
+    logging_steps: int = field(1, help="Log every N steps.")
+    save_steps: int = field(0, help="Save a checkpoint every N steps (0: only at the end of each epoch).")
+    save_total_limit: int | None = field(2, help="Keep at most N checkpoints.")
+    output_dir: str = field("runs/train", help="Where checkpoints, the final model and results go.")
+    resume: bool = field(False, help="Resume from the latest checkpoint in --output-dir.")
+    overwrite: bool = field(False, help="Allow writing into an --output-dir that already holds a run.")
+    on_nonfinite: str = field("stop", help="A non-finite loss or weight stops the run (stop) or skips the "
+                              "micro-batch and counts it (skip).", choices=("stop", "skip"))
+    progress: bool = field(True, help="Show progress bars.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_clip(self.clip_min, self.clip_max, self.allow_negative_clip)
+        for name in ("batch_size", "grad_accum", "refresh_every", "lora_r", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise UserError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise UserError("set epochs > 0 or max_steps > 0")
+
+
+class ListDataset:
+    """A list of encoded examples as a map-style dataset (the Trainer needs __len__/__getitem__)."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _is_main_process() -> bool:
+    """Global rank 0, or not launched by torchrun / accelerate launch (they set RANK)."""
+    import os
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _has_run(out: Path) -> bool:
+    return out.exists() and any(out.iterdir())
+
+
+def latest_checkpoint(out: Path) -> str | None:
+    """The newest complete checkpoint-N (one a crash cut short is never picked)."""
+    from .checkpointing import latest_checkpoint as latest
+    return latest(out)
+
+
+def apply_lora(model, cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [m for m in cfg.lora_target_modules if m not in names]
+    if missing:
+        raise UserError(f"lora_target_modules: {missing} not found in the model")
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def build_trainer(cfg: TrainConfig, model, tokenizer, records: list[dict], *, callbacks=None):
+    """Everything up to ``trainer.train()``: encoding, training arguments, the PerCE trainer."""
+    import torch
+    from transformers import TrainingArguments
+
+    from .encoding import PairedCollator, PromptBuilder, encode_all
+    from .prompts import get_task
+    from .trainer import PerCEArgs, PerCETrainer
+
+    builder = PromptBuilder(tokenizer, get_task(cfg.task), k=cfg.k, retriever=cfg.retriever,
+                            max_length=cfg.max_length, seed=cfg.seed)
+    rows = encode_all(builder, records, desc="encoding train")
+    for r in rows:   # only when the prompt template alone (no profile, no input) does not fit
+        need = len(r["prompt_with"]) + len(r["response"])
+        if need > cfg.max_length:
+            raise UserError(f"record {r['id']}: max_length {cfg.max_length} is too small for the prompt "
+                            f"template ({len(r['prompt_with'])} tokens with no profile and no input); "
+                            f"raise --max-length")
+    if cfg.lora:
+        model = apply_lora(model, cfg)
+    use_cpu = not torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=cfg.output_dir, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup, lr_scheduler_type=cfg.lr_scheduler, max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps > 0 else "epoch",
+        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500, save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, use_cpu=use_cpu,
+        activation_checkpointing=cfg.gradient_checkpointing, remove_unused_columns=False,
+        report_to="none", disable_tqdm=not cfg.progress, dataloader_num_workers=0,
+        optim="adamw_torch", logging_first_step=True)
+    perce = PerCEArgs(method=cfg.method, clip_min=cfg.clip_min, clip_max=cfg.clip_max, normalize=cfg.normalize,
+                      refresh=cfg.refresh, refresh_every=cfg.refresh_every if cfg.refresh == "every_k" else 1,
+                      on_nonfinite=cfg.on_nonfinite)
+    trainer = PerCETrainer(model=model, args=args, train_dataset=ListDataset(rows),
+                           data_collator=PairedCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                           perce_args=perce, example_ids=[r["id"] for r in records], callbacks=callbacks)
+    return trainer, builder
+
+
+def run(cfg: TrainConfig) -> dict:
+    import transformers
+
+    from .data import load_records, write_text_atomic
+    from .models import load_model
+    from .prompts import get_task
+    from .runinfo import run_info
+
+    out = Path(cfg.output_dir)
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        raise UserError(f"--resume: no checkpoint-* folder in {out}")
+    # Under torchrun / accelerate launch only rank 0 checks and writes: another rank would see
+    # rank 0's first files and refuse its own run (the launcher stops all ranks when rank 0 fails).
+    main_proc = _is_main_process()
+    if main_proc and not cfg.resume and _has_run(out) and not cfg.overwrite:
+        raise UserError(f"output dir {out} already holds a run; pass --resume to continue it or --overwrite")
+    records = load_records(cfg.data, get_task(cfg.task), limit=cfg.limit)
+    transformers.set_seed(cfg.seed)
+    model, tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    trainer, builder = build_trainer(cfg, model, tok, records)
+    out.mkdir(parents=True, exist_ok=True)
+    import yaml
+    if main_proc:
+        write_text_atomic(out / "train_config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    wall = time.perf_counter() - t0
+    trainer.save_model(str(out))          # final weights (or LoRA adapter) + tokenizer
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    summary = {
+        "method": cfg.method, "refresh": cfg.refresh if cfg.method == "perce" else None,
+        "steps": trainer.state.global_step, "train_loss": result.training_loss, "wall_s": round(wall, 2),
+        "examples": len(records), "response_cut": builder.stats.response_cut,
+        "profile_cut": builder.stats.profile_cut, "skipped_nonfinite": trainer.skipped_nonfinite,
+        "resumed_from": resume_from, "log": logs, "run": run_info(cfg),
+    }
+    if main_proc:
+        write_text_atomic(out / "train_results.json", json.dumps(summary, indent=2, default=str))
+    return summary
+

@@ -1,0 +1,186 @@
+"""``PerCETrainer``: a ``transformers.Trainer`` whose loss is ce / perce / lossce / entce.
+
+One training step (the paper's bootstrap, "EM"):
+  E-step  a separate top-level no-grad forward of the *current* model on the
+          profile-free input gives log p(y_i | x, y_<i); PIR = logp_with.detach() - that.
+  M-step  the normal with-profile forward (with grad) gives log p(y_i | p, x, y_<i);
+          loss = sum_i clip(PIR_i, m, M) * -logp_i / n, n = response tokens of the
+          whole optimizer step (``num_items_in_batch``), so gradient accumulation and
+          several processes give the same gradient as one big batch.
+
+Cheaper variants (ours, not the paper's; labelled in logs): ``refresh="every_k"``
+recomputes an example's PIR at most every ``refresh_every`` steps and reuses its cached
+PIR in between; ``refresh="once"`` computes each example's PIR once, with the model
+as it is when the example is first seen, and never again.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from transformers import Trainer
+
+from .checkpointing import AtomicCheckpointMixin
+from .errors import UserError
+from .losses import LOSSES, METHODS, clip_weights
+from .pir import token_entropy, token_logprobs
+from .scoring import counterfactual_logp, naive_counterfactual_logp, naive_with_profile_logp, with_profile_logits
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PerCEArgs:
+    method: str = "perce"
+    clip_min: float = 0.8
+    clip_max: float = 5.0
+    normalize: str = "tokens"
+    refresh: str = "step"          # step | every_k | once
+    refresh_every: int = 1
+    on_nonfinite: str = "stop"     # stop | skip
+    fast: bool = True              # False: naive reference (full logits, both passes); same numbers, slower
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.refresh not in ("step", "every_k", "once"):
+            raise UserError(f"refresh must be step, every_k or once, got {self.refresh!r}")
+
+
+def refresh_label(p: PerCEArgs) -> str:
+    """How the PIR weights are refreshed, in words, so logs never pass a cheaper variant off as the paper's."""
+    label = {"step": "refresh=step (every step, the paper's bootstrap)",
+             "every_k": f"refresh=every_k (k={p.refresh_every}: per-example cache, ours, not the paper's)",
+             "once": "refresh=once (first time an example is seen, ours, not the paper's)"}[p.refresh]
+    return label + ("" if p.fast else ", naive implementation")
+
+
+class NonFiniteLossError(UserError):
+    pass
+
+
+class PerCETrainer(AtomicCheckpointMixin, Trainer):
+    """Trainer for paired (with-profile / profile-free) batches from ``PairedCollator``.
+    Checkpoints are written atomically (``checkpointing.py``) and carry the PIR cache."""
+
+    extra_state_attrs = ("_pir_cache", "skipped_nonfinite")
+
+    # compute_loss already divides by the step's token count (num_items_in_batch).
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, perce_args: PerCEArgs | None = None, example_ids: list[str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Count response tokens (labels != -100) for num_items_in_batch even for a model whose
+        # forward has no **kwargs; compute_loss below is ours, so nothing else reads this flag.
+        self.model_accepts_loss_kwargs = True
+        self.perce = perce_args or PerCEArgs()
+        self.example_ids = example_ids
+        self._pir_cache: dict[int, tuple[int, torch.Tensor]] = {}   # idx -> (step computed, PIR [n_i])
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self.skipped_nonfinite = 0
+        self.counterfactual_passes = 0   # E-step forwards run (refresh=every_k/once cache them)
+        if self.perce.method == "perce":
+            logger.info("PerCE weights: %s", refresh_label(self.perce))
+
+    # -- E-step ---------------------------------------------------------------------
+    def _cf_logp(self, model, inputs) -> torch.Tensor:
+        self.counterfactual_passes += 1
+        return (counterfactual_logp if self.perce.fast else naive_counterfactual_logp)(model, inputs)
+
+    def _pir(self, model, inputs, logp_with: torch.Tensor) -> torch.Tensor:
+        """PIR [B, R] for this batch, fresh or from the per-example cache."""
+        p = self.perce
+        if p.refresh == "step":
+            self._metrics["pir_refreshed"].append(1.0)
+            return logp_with.detach() - self._cf_logp(model, inputs)
+        step = self.state.global_step
+        max_age = p.refresh_every if p.refresh == "every_k" else math.inf
+        idx = inputs["idx"].tolist()
+        lengths = inputs["response_mask"].sum(-1).tolist()
+        stale = [i not in self._pir_cache or step - self._pir_cache[i][0] >= max_age for i in idx]
+        if any(stale):
+            fresh = logp_with.detach() - self._cf_logp(model, inputs)
+            for b, i in enumerate(idx):
+                if stale[b]:
+                    self._pir_cache[i] = (step, fresh[b, : lengths[b]].cpu())
+            self._metrics["pir_refreshed"].append(sum(stale) / len(idx))
+        else:
+            self._metrics["pir_refreshed"].append(0.0)
+        out = torch.zeros_like(logp_with)
+        for b, i in enumerate(idx):
+            out[b, : lengths[b]] = self._pir_cache[i][1].to(out.device)
+        return out
+
+    # -- M-step ---------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        p = self.perce
+        targets, mask = inputs["response_ids"], inputs["response_mask"]
+        if p.fast:
+            logits = with_profile_logits(model, inputs)             # [B, R, V], with grad
+            logp = token_logprobs(logits, targets)                  # [B, R]
+        else:
+            logp, logits = naive_with_profile_logp(model, inputs)
+        extra = {}
+        if p.method == "perce":
+            extra["pir"] = self._pir(model, inputs, logp)
+        elif p.method == "entce":
+            extra["entropy"] = token_entropy(logits.detach())
+        loss = LOSSES[p.method](logp, mask, clip_min=p.clip_min, clip_max=p.clip_max, normalize=p.normalize,
+                                num_items=num_items_in_batch, **extra)
+        self._check_finite(loss, inputs, extra)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # DDP averages gradients over processes; num_items_in_batch counts all of them.
+            loss = loss * self.accelerator.num_processes
+        if model.training:
+            self._record(p, logp.detach(), mask, extra)
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _check_finite(self, loss, inputs, extra):
+        bad = not torch.isfinite(loss).item()
+        for v in extra.values():
+            bad = bad or not torch.isfinite(v[inputs["response_mask"].bool()]).all().item()
+        if not bad:
+            return
+        ids = inputs["idx"].tolist()
+        names = [self.example_ids[i] for i in ids] if self.example_ids else ids
+        if self.perce.on_nonfinite == "skip":
+            self.skipped_nonfinite += 1
+            self._metrics["nonfinite_skipped"].append(1.0)
+            raise _SkipStep()
+        raise NonFiniteLossError(f"non-finite loss or weight at step {self.state.global_step + 1} "
+                                 f"for examples {names}; lower the learning rate or pass --on-nonfinite skip")
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        except _SkipStep:
+            return torch.tensor(0.0, device=self.args.device)
+
+    def _record(self, p: PerCEArgs, logp, mask, extra):
+        m = mask.bool()
+        if not m.any():
+            return
+        signal = {"perce": extra.get("pir"), "lossce": -logp, "entce": extra.get("entropy")}.get(p.method)
+        if signal is None:
+            self._metrics["mean_weight"].append(1.0)
+            return
+        w = clip_weights(signal, p.clip_min, p.clip_max)
+        self._metrics["mean_weight"].append(w[m].mean().item())
+        if p.method == "perce":
+            self._metrics["mean_pir"].append(signal[m].mean().item())
+            self._metrics["share_pir_above_min"].append((signal[m] > p.clip_min).float().mean().item())
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        # Attach the averages since the last log to the training logs (TRL does the same).
+        if "loss" in logs and self._metrics:
+            for k, v in self._metrics.items():
+                logs[k] = round(sum(v) / len(v), 6)
+            self._metrics.clear()
+        super().log(logs, *args, **kwargs)
+
+
+class _SkipStep(Exception):
+    pass
