@@ -85,7 +85,8 @@ class Step:
     def __init__(self, name, trainer, batch, model, opt):
         self.name, self.trainer, self.batch, self.model, self.opt = name, trainer, batch, model, opt
         self.n_items = int((batch["labels"] != -100).sum())
-        self.times: list[float] = []
+        self.times: list[float] = []        # the metric reported (CPU or wall seconds, see --clock)
+        self.wall: list[float] = []
 
     def __call__(self):
         tr = self.trainer
@@ -191,11 +192,12 @@ def run_group(model, tok, opt, mode, share, a, tmp, profile_rows):
     for r in range(a.warmup + a.steps):
         order = names[r % len(names):] + names[: r % len(names)]        # rotate: no variant always first
         for v in order:
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             steps[v]()
-            dt = time.perf_counter() - t0
+            w, c = time.perf_counter() - w0, time.process_time() - c0
             if r >= a.warmup:
-                steps[v].times.append(dt)
+                steps[v].times.append(c if a.clock == "cpu" else w)
+                steps[v].wall.append(w)
         print(f"  [{mode} share={share}] round {r + 1}/{a.warmup + a.steps} load {load_avg()} "
               + " ".join(f"{v}={steps[v].times[-1]:.2f}s" for v in names if steps[v].times), flush=True)
     mem = {v: peak_step_bytes(steps[v]) for v in names} if a.memory else {}
@@ -208,7 +210,8 @@ def run_group(model, tok, opt, mode, share, a, tmp, profile_rows):
         t = steps[v].times
         per_round = [x / y for x, y in zip(t, base.times)]
         d = {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "mean_s": statistics.fmean(t),
-             "times_s": [round(x, 3) for x in t], "ratio_median": statistics.median(per_round),
+             "times_s": [round(x, 3) for x in t], "wall_s": [round(x, 3) for x in steps[v].wall],
+             "ratio_median": statistics.median(per_round),
              "ratio_min": min(per_round), "ratio_max": max(per_round),
              "ratio_of_sums": sum(t) / sum(base.times)}
         if v == "perce_k4":
@@ -258,11 +261,19 @@ def main(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=8, help="timed rounds (a multiple of 4 keeps perce_k4 exact)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="time per step: wall clock, or the process's CPU time (robust on a shared, "
+                        "oversubscribed machine when run with --threads 1)")
+    p.add_argument("--merge", nargs="+", help="only merge these result JSONs (one run per cell, run in "
+                   "parallel) into --out")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--profile", action="store_true", help="profile one perce step per group (phases + top ops)")
     p.add_argument("--quick", action="store_true", help="~2 min: share 0.5, full only, R=32, 1+4 rounds")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_time"))
     a = p.parse_args(argv)
+    if a.merge:
+        return merge(a)
     if a.quick:
         a.shares, a.modes, a.response, a.input, a.warmup, a.steps = "0.5", "full", 32, 16, 1, 4
     a.shares = [float(s) for s in a.shares.split(",")]
@@ -284,6 +295,9 @@ def main(argv=None):
             "args": {k: v for k, v in vars(a).items() if k != "out"}}
     print(f"load before: {info['load_before']}", flush=True)
     cells, profile_rows = [], []
+    if a.threads:
+        torch.set_num_threads(a.threads)
+        info["torch_threads"] = a.threads
     with tempfile.TemporaryDirectory() as tmp:
         for mode in a.modes:
             torch.manual_seed(0)
@@ -294,16 +308,42 @@ def main(argv=None):
             opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
             for share in a.shares:
                 cells.append(run_group(model, tok, opt, mode, share, a, Path(tmp), profile_rows))
+                write(a, info, cells, profile_rows, started)       # partial results survive an interrupted run
             del model, opt
+    write(a, info, cells, profile_rows, started, final=True)
+
+
+def merge(a):
+    runs = [json.loads(Path(f).read_text()) for f in a.merge]
+    cells = [c for r in runs for c in r["cells"]]
+    prof = [x for r in runs for x in r["profile"]]
+    info = dict(runs[0]["info"])
+    info["runs"] = [r["info"] for r in runs]
+    info["load_before"] = " | ".join(r["info"]["load_before"] for r in runs)
+    info["load_after"] = " | ".join(r["info"]["load_after"] for r in runs)
+    args = argparse.Namespace(**{**info["args"], "out": a.out})
+    args.modes = [m for m in ("full", "lora") if any(c["mode"] == m for c in cells)]
+    info["wall_s"] = max(r["info"]["wall_s"] for r in runs)
+    render(args, info, cells, prof, final=all(r["info"].get("complete") for r in runs))
+
+
+def write(a, info, cells, profile_rows, started, final=False):
     info["load_after"] = load_avg()
     info["wall_s"] = round((datetime.now(timezone.utc) - started).total_seconds(), 1)
+    info["complete"] = final
+    render(a, info, cells, profile_rows, final)
+
+
+def render(a, info, cells, profile_rows, final):
     res = {"info": info, "cells": cells, "profile": profile_rows}
     md = [f"# Step time: TRL SFT vs ce vs perce ({a.model}, batch {a.batch}, response {a.response}, "
           f"input {a.input} tokens)\n",
           f"Date {info['date_utc']} UTC, {info['cores']} cores ({info['cpu']}), torch {info['torch']} "
-          f"({info['torch_threads']} threads), transformers {info['transformers']}, trl {info['trl']}. "
+          f"({info['torch_threads']} thread(s)), transformers {info['transformers']}, trl {info['trl']}. "
           f"Load average (1/5/15 min) before {info['load_before']}, after {info['load_after']}; "
-          f"wall {info['wall_s']} s. Rounds: {a.warmup} warm-up + {a.steps} timed, variants interleaved.\n",
+          f"wall {info['wall_s']} s{'' if final else ' (PARTIAL: run still going or interrupted)'}. Rounds: {a.warmup} warm-up + {a.steps} timed, variants interleaved.\n",
+          f"Times are {'the process CPU time of the step (1 torch thread; robust to other jobs sharing the box)' if a.clock == 'cpu' else 'wall-clock'} seconds; "
+          "wall-clock times are in the JSON. "
           "Step = training_step (forward, loss, backward) + grad clip + AdamW step + zero_grad. Ratios are "
           "per round (same round, same machine state), median (min-max) over rounds; perce every-4 uses "
           "sum/sum over whole 4-step cycles. Peak step MB: peak of tensor bytes allocated during one step "
@@ -321,7 +361,8 @@ def main(argv=None):
         tmpf = path.with_name(f".{path.name}.tmp")
         tmpf.write_text(text)
         os.replace(tmpf, path)
-    print("\n".join(md))
+    if final:
+        print("\n".join(md))
     print(f"\nwrote {out.with_suffix('.md')} and .json")
 
 

@@ -272,17 +272,20 @@ def run(cfg: CompareConfig) -> dict:
     # The base model is deterministic under greedy decoding: one seed is enough.
     base_seeds = cfg.seeds if cfg.do_sample else cfg.seeds[:1]
 
-    jobs = []  # (method, seed, setting or None); ce ignores the clip: once per learning rate
-    for m in cfg.methods:
-        if m in BASE_METHODS:
-            jobs += [(m, s, None) for s in base_seeds]
-            continue
-        seen = set()
-        for st in settings:
-            if not _uses_clip(m) and st["lr"] in seen:
-                continue
-            seen.add(st["lr"])
-            jobs += [(m, s, st) for s in cfg.seeds]
+    # Seed-major order (every method for the first seed, then the next seed ...): an
+    # interrupted or time-boxed run still has complete method comparisons for the seeds done.
+    jobs = [(m, base_seeds[0], None) for m in cfg.methods if m in BASE_METHODS]
+    for i, s in enumerate(cfg.seeds):
+        if i > 0:
+            jobs += [(m, s, None) for m in cfg.methods if m in BASE_METHODS and s in base_seeds]
+        for st_i, st in enumerate(settings):
+            for m in cfg.methods:
+                if m in BASE_METHODS:
+                    continue
+                # ce ignores the clip: train it once per learning rate
+                if not _uses_clip(m) and any(x["lr"] == st["lr"] for x in settings[:st_i]):
+                    continue
+                jobs.append((m, s, st))
 
     done = skipped = 0
     for m, s, st in jobs:

@@ -3,7 +3,7 @@
 A record is ``{"id", "input", "output", "profile": [ {task fields...}, ... ]}`` (plus
 optional ``user_id``, ``date``). Sources: a ``.jsonl`` / ``.json`` (a list of records)
 / ``.parquet`` file, ``builtin:sample-train`` / ``builtin:sample-test`` (6 users x 6 short messages, hand-written, shipped with the package),
-or a benchmark spec handled by ``benchmarks.py`` (``longlamp:<config>[:split]``,
+a Hugging Face dataset (``hf:NAME[:SPLIT]`` or a ``save_to_disk`` folder), or a benchmark spec handled by ``benchmarks.py`` (``longlamp:<config>[:split]``,
 ``lamp:...``). Every problem is a ``DataError`` naming file, record and field.
 """
 from __future__ import annotations
@@ -157,11 +157,36 @@ def load_records(spec: str, task: Task, *, require_output: bool = True, require_
         rows, source = benchmarks.load(spec), spec
     elif spec.startswith("builtin:"):
         raise UserError(f"unknown built-in data {spec!r}; known: {', '.join(BUILTIN)}")
+    elif spec.startswith("hf:") or (Path(spec).is_dir() and (Path(spec) / "state.json").exists()):
+        rows, source = _hf_rows(spec), spec
     else:
         rows, source = read_rows(spec), spec
     if limit is not None:
         rows = rows[:limit]
     return validate_records(rows, task, source, require_output=require_output, require_profile=require_profile)
+
+
+def _hf_rows(spec: str) -> list[Any]:
+    """A Hugging Face dataset: ``hf:NAME[:SPLIT]`` (hub or HF cache) or a ``save_to_disk`` folder."""
+    import datasets
+
+    try:
+        if spec.startswith("hf:"):
+            name, _, split = spec[3:].partition(":")
+            from .hub import hub_reachable, offline_mode
+            if offline_mode() or not hub_reachable():
+                datasets.config.HF_HUB_OFFLINE = True  # use the local cache, fail in seconds
+            ds = datasets.load_dataset(name, split=split or "train")
+        else:
+            ds = datasets.load_from_disk(spec)
+            if isinstance(ds, datasets.DatasetDict):
+                raise UserError(f"{spec}: holds splits {list(ds)}; point at one split's folder")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - hub/cache failures are reported in one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{spec}: could not load the dataset: {msg[:300]}") from None
+    return ds.to_list()
 
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import UserError
 from .prompts import Task, counterfactual_prompt, personalized_prompt, profile_words, query_text
 from .retrieval import retrieve
 
@@ -101,6 +102,9 @@ class PromptBuilder:
                 self.stats.input_cut += 1
                 iw = _largest_fitting(lambda w: len(build(0, w)[0]) <= budget, len(record["input"].split()))
                 p_with, p_without = build(0, iw or 0)
+        if len(p_with) + min(len(resp), 1) > self.max_length:
+            raise UserError(f"record {record['id']}: max_length {self.max_length} is shorter than the prompt "
+                            f"template with an empty profile and input ({len(p_with)} tokens); raise --max-length")
         over = len(p_with) + len(resp) - self.max_length
         if over > 0 and with_response:
             self.stats.response_cut += 1

@@ -62,7 +62,7 @@ class IdentifyConfig:
     n_personas: int = field(200, help="Personas when --data synthetic (60/20/20 split by persona).")
     limit: int | None = field(None, help="Use only the first N test records.")
     dev_limit: int | None = field(None, help="Use only the first N dev records (default: --limit).")
-    bootstrap: int = field(200, help="Bootstrap resamples of test records for 95% intervals (0: none).")
+    bootstrap: int = field(200, help="Bootstrap resamples of test records for 95 percent intervals (0: none).")
     output_dir: str = field("runs/identify", help="Where identify.json and identify.md go.")
 
     def __post_init__(self):

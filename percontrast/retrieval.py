@@ -20,7 +20,6 @@ import numpy as np
 from .errors import UserError
 from .prompts import Task
 
-logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
 RETRIEVERS = ("bm25", "recent", "random", "first", "dense:<model dir>")
 _TOKEN = re.compile(r"\S+")
 
@@ -38,6 +37,7 @@ def bm25_rank(query: str, docs: Sequence[str]) -> list[int]:
     """Indices of ``docs`` by decreasing BM25 score; ties keep profile order."""
     import bm25s
 
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets itself to DEBUG on import
     corpus = [_tokens(d) or ["\u2205"] for d in docs]  # an empty doc still needs a token
     index = bm25s.BM25()
     index.index(corpus, show_progress=False)

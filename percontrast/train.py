@@ -94,6 +94,27 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _save_final(trainer, out: Path, main_proc: bool) -> None:
+    """save_model into a staging folder, then move each file into ``out`` with os.replace, so a
+    crash never leaves a truncated model file there (the checkpoints stay usable either way)."""
+    import os
+    import shutil
+    staging = out / ".final-staging"
+    if main_proc:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))      # collective under FSDP / DeepSpeed; rank 0 writes
+    trainer.accelerator.wait_for_everyone()
+    if main_proc:
+        for p in sorted(staging.iterdir()):
+            dst = out / p.name
+            if p.is_dir() and dst.exists():
+                shutil.rmtree(dst)
+            os.replace(p, dst)
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+
+
 def _has_run(out: Path) -> bool:
     return out.exists() and any(out.iterdir())
 
@@ -127,12 +148,6 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, records: list[dict], *, ca
     builder = PromptBuilder(tokenizer, get_task(cfg.task), k=cfg.k, retriever=cfg.retriever,
                             max_length=cfg.max_length, seed=cfg.seed)
     rows = encode_all(builder, records, desc="encoding train")
-    for r in rows:   # only when the prompt template alone (no profile, no input) does not fit
-        need = len(r["prompt_with"]) + len(r["response"])
-        if need > cfg.max_length:
-            raise UserError(f"record {r['id']}: max_length {cfg.max_length} is too small for the prompt "
-                            f"template ({len(r['prompt_with'])} tokens with no profile and no input); "
-                            f"raise --max-length")
     if cfg.lora:
         model = apply_lora(model, cfg)
     use_cpu = not torch.cuda.is_available()
@@ -184,7 +199,7 @@ def run(cfg: TrainConfig) -> dict:
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - t0
-    trainer.save_model(str(out))          # final weights (or LoRA adapter) + tokenizer
+    _save_final(trainer, out, main_proc)  # final weights (or LoRA adapter) + tokenizer
     logs = [h for h in trainer.state.log_history if "loss" in h]
     summary = {
         "method": cfg.method, "refresh": cfg.refresh if cfg.method == "perce" else None,

@@ -142,10 +142,17 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         bad = not torch.isfinite(loss).item()
         for v in extra.values():
             bad = bad or not torch.isfinite(v[inputs["response_mask"].bool()]).all().item()
+        mine = bad
+        if self.accelerator.num_processes > 1:
+            # All ranks skip (or stop) together: a rank that skipped its backward alone would stall DDP.
+            flag = torch.tensor([float(bad)], device=loss.device)
+            bad = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
         if not bad:
             return
         ids = inputs["idx"].tolist()
         names = [self.example_ids[i] for i in ids] if self.example_ids else ids
+        if not mine:
+            names = f"on another process (this one had {names})"
         if self.perce.on_nonfinite == "skip":
             self.skipped_nonfinite += 1
             self._metrics["nonfinite_skipped"].append(1.0)

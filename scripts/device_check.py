@@ -157,6 +157,9 @@ def main() -> int:
         model, tok = load_model(args.model, dtype="float32", device=device)
         trainer = build({**base, "bf16": True}, model, tok)
         if cuda:
+            import gc
+            gc.collect()                       # drop the models of the earlier checks
+            torch.cuda.empty_cache()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()

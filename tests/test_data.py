@@ -104,3 +104,9 @@ def test_too_long_cuts_profile_first_then_input_then_response(tiny):
 def test_topic_writing_uses_published_fields():
     task = get_task("topic_writing")
     assert task.fields == ("summary", "content")
+
+
+def test_hugging_face_dataset_folder(tmp_path):
+    import datasets
+    datasets.Dataset.from_list([GOOD]).save_to_disk(str(tmp_path / "ds"))
+    assert load_records(str(tmp_path / "ds"), EMAIL)[0]["output"] == "text"

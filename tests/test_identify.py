@@ -194,3 +194,14 @@ def test_run_reads_a_prepared_folder_and_rejects_missing_spans(tmp_path):
     with pytest.raises(DataError, match="spans"):
         I.run(I.IdentifyConfig(model="tiny-random", data=str(tmp_path / "d"), limit=3, bootstrap=0,
                                output_dir=str(tmp_path / "o2")))
+
+
+def test_config_drives_cli_flags():
+    import argparse
+
+    from percontrast import config as C
+    p = argparse.ArgumentParser()
+    C.add_arguments(p, I.IdentifyConfig)
+    assert "--dev-limit" in p.format_help()          # help text renders (no stray % for argparse)
+    cfg = C.from_args(I.IdentifyConfig, p.parse_args(["--limit", "5", "--model", "tiny-random"]))
+    assert cfg.limit == 5 and cfg.model == "tiny-random" and cfg.k == 4

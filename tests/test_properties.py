@@ -83,17 +83,14 @@ def test_long_responses_are_cut_and_counted(tok, out, n):
 
 def test_train_refuses_a_max_length_below_the_prompt_template(tmp_path):
     """max_length 8 cannot hold SmolLM2's chat template (about 30 tokens): a clear error, not a silent
-    overrun. (PromptBuilder.encode itself still returns an over-long pair in that case: see
-    test_encoder_respects_max_length_even_below_the_template.)"""
+    overrun (raised by PromptBuilder.encode, so score/generate get it too)."""
     from helpers import run_cli
     rc, _, err = run_cli(["train", "--model", "tiny-random", "--data", "builtin:sample-train", "--limit", "2",
                           "--max-length", "8", "--output-dir", str(tmp_path / "out"), "--no-progress"])
-    assert rc == 2 and err.startswith("error: record") and "max_length 8 is too small" in err, err
+    assert rc == 2 and err.startswith("error: record") and "max_length 8 is shorter than the prompt template" in err, err
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="encoding.py (not ours): encode() keeps >= 1 response token and the whole "
-                   "template even when they exceed max_length; it should raise a UserError instead")
 def test_encoder_respects_max_length_even_below_the_template(tok):
     from percontrast.errors import UserError
     builder = PromptBuilder(tok, get_task("generic"), max_length=8, use_chat_template=True)

@@ -64,17 +64,21 @@ def test_sigkill_then_resume_matches_uninterrupted(data, reference, tmp_path):
     out = tmp_path / "run"
     seed = int(os.environ.get("PERCONTRAST_KILL_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
-    kill_after = rng.randint(1, STEPS - 2)       # a checkpoint that must exist before the kill
-    delay = rng.uniform(0.0, 0.4)                 # then a random moment: often mid-step or mid-save
+    kill_after = rng.randint(2, STEPS - 2)       # a checkpoint that must exist before the kill
+    frac = rng.uniform(0.0, 1.5)                  # then a random moment within the next 1.5 steps
     proc = subprocess.Popen([PY, "-m", "percontrast.cli", *_argv(data, out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=cli_env(), cwd=str(ROOT), text=True)
+    seen: dict[int, float] = {}                   # checkpoint step -> when it first appeared
     try:
         deadline = time.monotonic() + 300
-        while not (out / f"checkpoint-{kill_after}").is_dir():
+        while kill_after not in seen:
             assert proc.poll() is None, f"run ended before the kill (seed {seed}): {proc.stderr.read()[-2000:]}"
             assert time.monotonic() < deadline, "no checkpoint after 300 s"
-            time.sleep(0.02)
-        time.sleep(delay)
+            for p in out.glob("checkpoint-*"):
+                seen.setdefault(int(p.name.split("-")[1]), time.monotonic())
+            time.sleep(0.01)
+        step_time = (seen[kill_after] - seen[1]) / (kill_after - 1) if 1 in seen else 0.5
+        time.sleep(frac * step_time)              # often lands mid-step or mid-save
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:

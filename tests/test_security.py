@@ -44,6 +44,14 @@ def test_no_pickle_or_eval_or_unsafe_yaml():
     assert _calls(r"yaml\.safe_load\(")          # the config reader uses the safe loader
 
 
+def test_no_hardcoded_remote_code_or_pickle_weights():
+    # every from_pretrained either forwards the user's flag or leaves transformers' default (False)
+    assert not _calls(r"trust_remote_code\s*=\s*True")
+    assert not _calls(r"use_safetensors\s*=\s*False")
+    for name, lineno, line in _calls(r"\.from_pretrained\("):
+        assert "trust_remote_code" not in line or "trust_remote_code=trust_remote_code" in line, line
+
+
 def test_yaml_python_tags_do_not_run(tmp_path):
     from percontrast.config import read_yaml
     from percontrast.errors import UserError

@@ -2,15 +2,40 @@
 
 Launched by torchrun / accelerate launch in test_distributed.py, so that several
 distributed configurations share one process start-up (imports dominate on 2 CPU cores).
-Exits with the first non-zero code.
+An argv list may start with ``--inject-nonfinite=IDX``: for that run the E-step returns +inf
+for any batch holding example IDX (on whichever rank gets it). Each rank leaves a marker
+``<spec>.rank-<RANK>-of-<WORLD_SIZE>`` next to the JSON file, so the test can tell that the
+launcher really started several processes. Exits with the first non-zero code.
 """
 import json
+import os
 import sys
+from pathlib import Path
 
+import percontrast.trainer as tr
 from percontrast.cli import main
 
+REAL = tr.counterfactual_logp
+
+
+def injecting(bad_idx: int):
+    def patched(model, batch):
+        lp = REAL(model, batch)
+        if bad_idx in batch["idx"].tolist():
+            lp = lp.clone()
+            lp[:, 0] = float("inf")
+        return lp
+    return patched
+
+
 if __name__ == "__main__":
-    for argv in json.load(open(sys.argv[1])):
+    spec = Path(sys.argv[1])
+    for argv in json.loads(spec.read_text()):
+        tr.counterfactual_logp = REAL
+        if argv and argv[0].startswith("--inject-nonfinite="):
+            tr.counterfactual_logp = injecting(int(argv.pop(0).split("=", 1)[1]))
         rc = main(argv)
         if rc:
             sys.exit(rc)
+    rank, world = os.environ.get("RANK", "none"), os.environ.get("WORLD_SIZE", "none")
+    (spec.parent / f"{spec.stem}.rank-{rank}-of-{world}").write_text("ok")
