@@ -4,6 +4,8 @@ drift (other jobs on a shared box) hits every variant alike.
 
     .venv/bin/python benchmarks/step_time.py             # the full grid (smollm2-135m, B=4, R=128)
     .venv/bin/python benchmarks/step_time.py --quick     # ~2 min on an idle 2-core box (smaller R)
+    # on a shared, oversubscribed box: --threads 1 --clock cpu (process CPU time; see NOTES.md)
+    # one process per cell group, then: --merge a.json b.json ... --out benchmarks/results/step_time
 
 Setup. Synthetic token sequences (random ids; timing does not depend on the values), all
 rows of a batch the same length so no variant pays for padding another does not:
@@ -87,10 +89,14 @@ class Step:
         self.n_items = int((batch["labels"] != -100).sum())
         self.times: list[float] = []        # the metric reported (CPU or wall seconds, see --clock)
         self.wall: list[float] = []
+        self.fb: list[float] = []            # CPU s of training_step alone (forward, loss, backward)
+        self._last_fb = 0.0
 
     def __call__(self):
         tr = self.trainer
+        c0 = time.process_time()
         loss = tr.training_step(self.model, dict(self.batch), self.n_items)
+        self._last_fb = time.process_time() - c0
         torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -198,19 +204,21 @@ def run_group(model, tok, opt, mode, share, a, tmp, profile_rows):
             if r >= a.warmup:
                 steps[v].times.append(c if a.clock == "cpu" else w)
                 steps[v].wall.append(w)
+                steps[v].fb.append(steps[v]._last_fb)
         print(f"  [{mode} share={share}] round {r + 1}/{a.warmup + a.steps} load {load_avg()} "
               + " ".join(f"{v}={steps[v].times[-1]:.2f}s" for v in names if steps[v].times), flush=True)
     mem = {v: peak_step_bytes(steps[v]) for v in names} if a.memory else {}
     if a.profile and "perce" in steps:
         phase_profile(steps, profile_rows, f"{mode} share={share}")
     n_prof, lc = lengths(share, a.input, a.response)
-    cell = {"mode": mode, "share": share, "Lc": lc, "L0": a.input + a.response, "variants": {}}
+    cell = {"mode": mode, "share": share, "batch": a.batch, "Lc": lc, "L0": a.input + a.response, "variants": {}}
     base = steps.get("trl") or steps["ce"]
     for v in names:
         t = steps[v].times
         per_round = [x / y for x, y in zip(t, base.times)]
         d = {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "mean_s": statistics.fmean(t),
              "times_s": [round(x, 3) for x in t], "wall_s": [round(x, 3) for x in steps[v].wall],
+             "fwd_bwd_cpu_s": [round(x, 3) for x in steps[v].fb],
              "ratio_median": statistics.median(per_round),
              "ratio_min": min(per_round), "ratio_max": max(per_round),
              "ratio_of_sums": sum(t) / sum(base.times)}
@@ -228,9 +236,9 @@ def fmt_table(cells, a) -> str:
     lines = []
     for mode in a.modes:
         lines += [f"\n### {mode} fine-tune\n" if mode == "full" else "\n### LoRA (r=8, q/k/v/o)\n",
-                  "| share | Lc / L0 | variant | step median s (min-max) | ratio to TRL median (min-max) "
-                  "| ratio / ce | peak step MB | ratio / ce |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| batch | share | Lc / L0 | variant | step median s (min-max) | ratio to TRL median (min-max) "
+                  "| ratio / ce | fwd+bwd ratio / ce | peak step MB | ratio / ce |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for c in (c for c in cells if c["mode"] == mode):
             V = c["variants"]
             for v, d in V.items():
@@ -240,13 +248,16 @@ def fmt_table(cells, a) -> str:
                 ce = V.get("ce")
                 r_ce = (d["mean_s"] / ce["mean_s"]) if (amort and ce) else \
                     (statistics.median([x / y for x, y in zip(d["times_s"], ce["times_s"])]) if ce else float("nan"))
+                fb, fb_ce = d.get("fwd_bwd_cpu_s"), (ce or {}).get("fwd_bwd_cpu_s")
+                r_fb = "" if not (fb and fb_ce) else f"{sum(fb) / sum(fb_ce):.3f}" if amort else \
+                    f"{statistics.median([x / y for x, y in zip(fb, fb_ce)]):.3f}"
                 m = d.get("peak_step_mb")
                 m_ce = (m / ce["peak_step_mb"]) if (m is not None and ce and ce.get("peak_step_mb")) else None
                 lines.append(
-                    f"| {c['share']} | {c['Lc']} / {c['L0']} | {LABELS[v]} | "
+                    f"| {c.get('batch', a.batch)} | {c['share']} | {c['Lc']} / {c['L0']} | {LABELS[v]} | "
                     f"{t:.2f}{' (mean)' if amort else ''} ({d['min_s']:.2f}-{d['max_s']:.2f}) | "
                     f"{ratio:.3f}{' (sum/sum)' if amort else ''} ({d['ratio_min']:.3f}-{d['ratio_max']:.3f}) | "
-                    f"{r_ce:.3f} | {'' if m is None else f'{m:.0f}'} | {'' if m_ce is None else f'{m_ce:.3f}'} |")
+                    f"{r_ce:.3f} | {r_fb} | {'' if m is None else f'{m:.0f}'} | {'' if m_ce is None else f'{m_ce:.3f}'} |")
     return "\n".join(lines)
 
 
@@ -315,8 +326,9 @@ def main(argv=None):
 
 def merge(a):
     runs = [json.loads(Path(f).read_text()) for f in a.merge]
-    cells = [c for r in runs for c in r["cells"]]
-    prof = [x for r in runs for x in r["profile"]]
+    cells = [dict(c, batch=c.get("batch", r["info"]["args"]["batch"])) for r in runs for c in r["cells"]]
+    cells.sort(key=lambda c: (-c["batch"], -c["share"]))
+    prof = [dict(x, group=f"{x['group']}, batch {r['info']['args']['batch']}") for r in runs for x in r["profile"]]
     info = dict(runs[0]["info"])
     info["runs"] = [r["info"] for r in runs]
     info["load_before"] = " | ".join(r["info"]["load_before"] for r in runs)
@@ -324,6 +336,8 @@ def merge(a):
     args = argparse.Namespace(**{**info["args"], "out": a.out})
     args.modes = [m for m in ("full", "lora") if any(c["mode"] == m for c in cells)]
     info["wall_s"] = max(r["info"]["wall_s"] for r in runs)
+    args.batch = "/".join(str(b) for b in sorted({c["batch"] for c in cells}, reverse=True)) + " (column)"
+    info["date_utc"] = min(r["info"]["date_utc"] for r in runs)
     render(args, info, cells, prof, final=all(r["info"].get("complete") for r in runs))
 
 
@@ -343,7 +357,10 @@ def render(a, info, cells, profile_rows, final):
           f"Load average (1/5/15 min) before {info['load_before']}, after {info['load_after']}; "
           f"wall {info['wall_s']} s{'' if final else ' (PARTIAL: run still going or interrupted)'}. Rounds: {a.warmup} warm-up + {a.steps} timed, variants interleaved.\n",
           f"Times are {'the process CPU time of the step (1 torch thread; robust to other jobs sharing the box)' if a.clock == 'cpu' else 'wall-clock'} seconds; "
-          "wall-clock times are in the JSON. "
+          "wall-clock times are in the JSON. " +
+          (f"Merged from {len(info['runs'])} runs (one per cell group, run side by side on this machine, "
+           f"started {info['date_utc']} UTC; each run interleaves its own variants); load averages are per run. "
+           if info.get("runs") else "") +
           "Step = training_step (forward, loss, backward) + grad clip + AdamW step + zero_grad. Ratios are "
           "per round (same round, same machine state), median (min-max) over rounds; perce every-4 uses "
           "sum/sum over whole 4-step cycles. Peak step MB: peak of tensor bytes allocated during one step "

@@ -32,7 +32,7 @@ from .config import field
 from .errors import UserError
 from .evaluate import check_metrics
 from .generate import DecodingFields
-from .metrics import DEFAULT_METRICS, METRICS
+from .metrics import DEFAULT_METRICS
 from .options import ModelDataOptions
 
 BASE_METHODS = ("base_profile", "base_noprofile")
@@ -62,6 +62,8 @@ class CompareConfig(ModelDataOptions, DecodingFields):
     bootstrap_resamples: int = field(10000, help="Paired bootstrap resamples (seeded with 0).")
     output_dir: str = field("out/compare", help="Cells, results.md/json and results.png go here.")
     progress: bool = field(True, help="Show progress bars.")
+    summarize_only: bool = field(False, help="Only rebuild results.md/json/png from the finished cells; "
+                                 "train and evaluate nothing (e.g. after a time-boxed run).")
 
     def __post_init__(self):
         super().__post_init__()
@@ -288,7 +290,7 @@ def run(cfg: CompareConfig) -> dict:
                 jobs.append((m, s, st))
 
     done = skipped = 0
-    for m, s, st in jobs:
+    for m, s, st in jobs if not cfg.summarize_only else []:
         trained = st is not None
         keys = {es["name"]: cell_key(m, s, st or {}, es["name"], trained) for es in eval_sets}
         todo = [es for es in eval_sets if not (out / "cells" / f"{keys[es['name']]}.json").exists()]
@@ -438,7 +440,7 @@ def render_markdown(res: dict) -> str:
         lines.append("")
         head = ["method", "seeds"] + [_LABEL.get(m, m) for m in res["metrics"]] + \
                [f"Δ{_LABEL.get(m, m)} vs ce" for m in res["metrics"]] + \
-               [f"gain {_LABEL.get(m, m)} %" for m in res["metrics"]] + ["train s", "eval s", "peak MB"]
+               [f"gain {_LABEL.get(m, m)} %" for m in res["metrics"]] + ["train+load s", "eval s", "peak MB"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in g["rows"]:
             cells = [r["method"], str(len(r["seeds"]))]

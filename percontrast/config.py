@@ -174,7 +174,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_ = f.metadata.get("help", "")
         if default not in (None, "", []):
             help_ += f" (default: {default})"
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_}
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_.replace("%", "%%")}
         if f.metadata.get("positional"):
             kw.pop("dest")
             flag, kw["nargs"] = f.name, "?"

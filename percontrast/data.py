@@ -189,6 +189,13 @@ def _hf_rows(spec: str) -> list[Any]:
     return ds.to_list()
 
 
+def _umask() -> int:
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> None:
     """Write JSONL via a temp file + rename, so a crash never leaves half a file."""
     import os
@@ -201,6 +208,7 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -217,6 +225,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

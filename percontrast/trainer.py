@@ -9,14 +9,15 @@ One training step (the paper's bootstrap, "EM"):
           several processes give the same gradient as one big batch.
 
 Cheaper variants (ours, not the paper's; labelled in logs): ``refresh="every_k"``
-recomputes an example's PIR at most every ``refresh_every`` steps and reuses its cached
-PIR in between; ``refresh="once"`` computes each example's PIR once, with the model
-as it is when the example is first seen, and never again.
+re-estimates PIR on optimizer steps divisible by ``refresh_every``; on the other steps each
+example reuses the PIR cached at its last visit (an example never seen is computed). So
+the first epoch costs what the paper's bootstrap costs and later epochs about 1/k of the
+E-steps. ``refresh="once"`` computes each example's PIR once, with the model as it is when
+the example is first seen, and never again.
 """
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -97,10 +98,12 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
             self._metrics["pir_refreshed"].append(1.0)
             return logp_with.detach() - self._cf_logp(model, inputs)
         step = self.state.global_step
-        max_age = p.refresh_every if p.refresh == "every_k" else math.inf
+        # every_k: optimizer steps divisible by k re-estimate their whole batch; other steps reuse
+        # each example's cached PIR (from its last visit) and compute only examples never seen.
+        refresh_all = p.refresh == "every_k" and step % p.refresh_every == 0
         idx = inputs["idx"].tolist()
         lengths = inputs["response_mask"].sum(-1).tolist()
-        stale = [i not in self._pir_cache or step - self._pir_cache[i][0] >= max_age for i in idx]
+        stale = [refresh_all or i not in self._pir_cache for i in idx]
         if any(stale):
             fresh = logp_with.detach() - self._cf_logp(model, inputs)
             for b, i in enumerate(idx):

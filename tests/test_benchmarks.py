@@ -245,7 +245,7 @@ def test_prepare_longlamp_and_lamp(tmp_path, monkeypatch):
     # no source and no network: a clear error, and no output folder left behind
     for var in (bm.ENV_DIR, "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(bm, "_hub_reachable", lambda timeout=5.0: False)
+    monkeypatch.setattr(bm, "hub_reachable", lambda timeout=5.0: False)
     with pytest.raises(UserError, match="hub is unreachable"):
         run(PrepareConfig(name="longlamp:topic_writing_user", out=str(tmp_path / "o3")))
     assert not (tmp_path / "o3").exists()
@@ -256,6 +256,6 @@ def test_hub_connection_precheck_fails_fast(monkeypatch):
     monkeypatch.delenv(bm.ENV_DIR, raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(bm, "_hub_reachable", lambda timeout=5.0: False)
+    monkeypatch.setattr(bm, "hub_reachable", lambda timeout=5.0: False)
     with pytest.raises(UserError, match=r"unreachable \(no connection to huggingface.co\).*--source DIR"):
         bm.load("longlamp:topic_writing_temporal:train")

@@ -110,6 +110,12 @@ def test_resume_skips_finished_cells(tmp_path, fake_training):
     r2 = C.run(cfg)
     assert fake_training == [] and r2["cells_skipped"] == 4 and r2["cells_computed"] == 0
     (tmp_path / "cmp" / "cells" / "perce__seed1__lr2e-05__clip0.8-5__test.json").unlink()
+    # summarize_only trains nothing and reports the seeds that are there
+    r3 = C.run(_cfg(tmp_path, summarize_only=True))
+    assert fake_training == [] and r3["cells_computed"] == 0
+    res = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    rows = {r["method"]: r for r in res["groups"][0]["rows"]}
+    assert rows["perce"]["seeds"] == [0] and rows["ce"]["seeds"] == [0, 1]
     C.run(cfg)
     assert fake_training == [("perce", 1, 2e-5, 0.8)]
     # no temp files left behind

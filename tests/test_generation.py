@@ -33,6 +33,31 @@ def test_batched_equals_one_at_a_time(tiny):
     assert any(len(s) > 0 for s in single)
 
 
+@pytest.fixture(scope="module")
+def tiny_abs_pos(tiny):
+    """A tiny GPT-2 with LEARNED ABSOLUTE position embeddings and a large init. Llama's RoPE is
+    shift-invariant, so a left-padding position bug can hide there; here it changes the tokens."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    _, tok = tiny
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256, initializer_range=0.3,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(cfg).eval()
+    return model, tok
+
+
+def test_batched_equals_one_at_a_time_absolute_positions(tiny_abs_pos):
+    model, tok = tiny_abs_pos
+    prompts = _prompts(tok)
+    opts = DecodingOptions(max_new_tokens=12)
+    single = [generate_from_ids(model, tok, [p], opts, batch_size=1, progress=False, return_ids=True)[0]
+              for p in prompts]
+    assert len({tuple(s) for s in single}) == len(single)  # the model really depends on its input
+    batched = generate_from_ids(model, tok, prompts, opts, batch_size=16, progress=False, return_ids=True)
+    assert batched == single
+
+
 def test_matches_hf_generate_unpadded(tiny):
     """Our loop vs transformers' own greedy generate on each prompt alone (no padding at all)."""
     model, tok = tiny

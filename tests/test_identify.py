@@ -174,7 +174,7 @@ def test_run_end_to_end_tiny(tmp_path):
     for g in I.GROUPS:
         assert f"## {g}" in md
     for sig in I.SIGNALS:
-        assert md.count(f"| {sig} |") == len(I.GROUPS)
+        assert md.count(f"| {sig} |") == len(I.GROUPS) + 1   # + the word-level table
     # word matching flags every copied token (copied words are in the profile by construction)
     assert js["metrics"]["word_match"]["copied"]["mean_pos"] == 1.0
     assert res["metrics"]["random"]["overall"]["auroc"] == js["metrics"]["random"]["overall"]["auroc"]
