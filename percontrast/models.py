@@ -145,6 +145,10 @@ def load_model(name: str, *, dtype: str = "auto", trust_remote_code: bool = Fals
                 return _finish(model, tok, device)
         # A hub id: use the local HF cache only when the hub cannot be reached (fails in seconds).
         local_only = not path.exists() and _hub_unreachable()
+        if local_only and not _in_hf_cache(name):
+            raise UserError(f"could not load model {name!r}: not a local directory, not a built-in name "
+                            f"({', '.join(BUILTIN_MODELS)}), the hub is unreachable and it is not in the "
+                            f"Hugging Face cache")
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=local_only)
@@ -167,6 +171,14 @@ def load_model(name: str, *, dtype: str = "auto", trust_remote_code: bool = Fals
 def _hub_unreachable() -> bool:
     from .hub import hub_reachable, offline_mode
     return offline_mode() or not hub_reachable()
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an id the hub client rejects is simply not cached
+        return False
 
 
 def _load_adapter(path: Path, dtype, trust_remote_code):
