@@ -96,6 +96,7 @@ def tiny_random(seed: int = 0):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    model.config._name_or_path = model.name_or_path = "tiny-random"  # a LoRA adapter records its base
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     return model, tok

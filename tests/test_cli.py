@@ -66,6 +66,9 @@ def test_train_lora_from_yaml_config(tmp_path, data, capsys):
     saved = (tmp_path / "r" / "train_config.yaml").read_text()
     assert "clip_min: 0.5" in saved and "clip_max: 8.0" in saved and "lora: true" in saved
     assert (tmp_path / "r" / "adapter_model.safetensors").exists()
+    rc, _, err = _run(capsys, "generate", "--model", tmp_path / "r", "--data", data, "--task", "email",
+                      "--max-new-tokens", "3", "--output-dir", tmp_path / "g")
+    assert rc == 0, err  # the adapter folder loads on top of its recorded base model
 
 
 def _bad(tmp_path, name, rows=None, raw=None):
