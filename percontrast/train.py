@@ -33,7 +33,8 @@ class TrainConfig(ModelDataOptions):
                            "(tokens, the paper's -1/n) or by the sum of weights (weights).",
                            choices=("tokens", "weights"))
     refresh: str = field("step", help="When PerCE weights are re-estimated: every step (step, the paper's "
-                         "bootstrap), every_k (cached per example, recomputed every --refresh-every steps; ours) "
+                         "bootstrap), every_k (re-estimated on steps divisible by --refresh-every, each example's cached "
+                         "PIR reused in between; ours) "
                          "or once (first time an example is seen; ours).", choices=("step", "every_k", "once"))
     refresh_every: int = field(4, help="k for --refresh every_k.")
     lora: bool = field(False, help="Train LoRA adapters (peft) instead of all weights.")

@@ -79,7 +79,7 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         self.model_accepts_loss_kwargs = True
         self.perce = perce_args or PerCEArgs()
         self.example_ids = example_ids
-        self._pir_cache: dict[int, tuple[int, torch.Tensor]] = {}   # idx -> (step computed, PIR [n_i])
+        self._pir_cache: dict[int, torch.Tensor] = {}   # example idx -> PIR of its response tokens [n_i]
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.skipped_nonfinite = 0
         self.counterfactual_passes = 0   # E-step forwards run (refresh=every_k/once cache them)
@@ -108,13 +108,13 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
             fresh = logp_with.detach() - self._cf_logp(model, inputs)
             for b, i in enumerate(idx):
                 if stale[b]:
-                    self._pir_cache[i] = (step, fresh[b, : lengths[b]].cpu())
+                    self._pir_cache[i] = fresh[b, : lengths[b]].cpu()
             self._metrics["pir_refreshed"].append(sum(stale) / len(idx))
         else:
             self._metrics["pir_refreshed"].append(0.0)
         out = torch.zeros_like(logp_with)
         for b, i in enumerate(idx):
-            out[b, : lengths[b]] = self._pir_cache[i][1].to(out.device)
+            out[b, : lengths[b]] = self._pir_cache[i].to(out.device)
         return out
 
     # -- M-step ---------------------------------------------------------------------
