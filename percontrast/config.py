@@ -191,7 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if get_origin(tp) in (list, tuple):
             kw["nargs"] = "+"
             kw["metavar"] = "X"
-        else:
+        elif not choices:  # with choices argparse shows {a,b,c} itself
             kw["metavar"] = {int: "N", float: "X"}.get(tp, "VALUE")
         parser.add_argument(flag, **kw)
 
