@@ -133,12 +133,10 @@ def generate_for(model, tok, records: list[dict], task: str, opts: ModelDataOpti
 
 def write_outputs(out: Path, task: str, records: list[dict], texts: list[str], per: list[dict],
                   summary: dict) -> None:
-    from .data import write_jsonl_atomic, write_text_atomic
+    from .data import write_text_atomic
+    from .generate import write_predictions
 
-    golds = [{"id": r["id"], "output": t} for r, t in zip(records, texts)]
-    write_text_atomic(out / "predictions.json", json.dumps({"task": task, "golds": golds}, ensure_ascii=False,
-                                                           indent=1))
-    write_jsonl_atomic(out / "predictions.jsonl", [
+    write_predictions(out, task, records, texts, [
         {"id": r["id"], "prediction": t, "reference": r["output"], "scores": s}
         for r, t, s in zip(records, texts, per)])
     # summary.json last: its presence means the folder is complete

@@ -49,26 +49,29 @@ class GenerateConfig(ModelDataOptions, DecodingFields):
         self.check_decoding()
 
 
+def write_predictions(out: Path, task: str, records: list[dict], texts: list[str], rows: list[dict]) -> None:
+    """``predictions.json`` in the LaMP/LongLaMP exchange format, plus one JSONL row per example."""
+    from .data import write_jsonl_atomic, write_text_atomic
+
+    golds = [{"id": r["id"], "output": t} for r, t in zip(records, texts)]
+    write_text_atomic(out / "predictions.json", json.dumps({"task": task, "golds": golds}, ensure_ascii=False,
+                                                           indent=1))
+    write_jsonl_atomic(out / "predictions.jsonl", rows)
+
+
 def run(cfg: GenerateConfig) -> dict:
-    from .data import load_records, write_jsonl_atomic, write_text_atomic
-    from .encoding import PromptBuilder
-    from .generation import generate_records
+    from .data import load_records
+    from .evaluate import generate_for
     from .models import default_device, load_model
     from .prompts import get_task
 
     out = Path(cfg.output_dir)
     if (out / "predictions.json").exists() and not cfg.overwrite:
         raise UserError(f"{out}/predictions.json exists; pass --overwrite to replace it")
-    task = get_task(cfg.task)
-    records = load_records(cfg.data, task, require_output=False, limit=cfg.limit)
+    records = load_records(cfg.data, get_task(cfg.task), require_output=False, limit=cfg.limit)
     model, tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                             device=default_device())
-    builder = PromptBuilder(tok, task, k=cfg.k, retriever=cfg.retriever, max_length=cfg.max_length, seed=cfg.seed)
-    texts = generate_records(model, tok, records, builder, cfg.decoding(cfg.seed), use_profile=not cfg.no_profile,
-                             batch_size=cfg.batch_size)
-    golds = [{"id": r["id"], "output": t} for r, t in zip(records, texts)]
-    write_jsonl_atomic(out / "predictions.jsonl", [{"id": r["id"], "input": r["input"], "prediction": t}
-                                                   for r, t in zip(records, texts)])
-    write_text_atomic(out / "predictions.json", json.dumps({"task": cfg.task, "golds": golds},
-                                                           ensure_ascii=False, indent=1))
-    return {"examples": len(golds), "output_dir": str(out)}
+    texts = generate_for(model, tok, records, cfg.task, cfg, cfg, use_profile=not cfg.no_profile, seed=cfg.seed)
+    write_predictions(out, cfg.task, records, texts,
+                      [{"id": r["id"], "input": r["input"], "prediction": t} for r, t in zip(records, texts)])
+    return {"examples": len(records), "output_dir": str(out)}
