@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .hub import hub_host, hub_reachable, offline_mode
+from .data import read_jsonl
 from .errors import DataError, UserError
+from .hub import hub_host, hub_reachable, offline_mode
 
 HUB_ID = "LongLaMP/LongLaMP"
 LONGLAMP_TASKS = ("abstract_generation", "product_review", "topic_writing")
@@ -130,24 +131,7 @@ def read_table(path: Path, expected: str) -> list[Any]:
             raise UserError(f"{path}: not a readable Parquet file ({type(e).__name__}: {str(e)[:120]}); "
                             f"truncated? expected {expected}") from None
     if path.suffix == ".jsonl":
-        rows = []
-        data = path.read_bytes()
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}: not valid UTF-8 (byte {e.start}); expected {expected}") from None
-        lines = text.splitlines()
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                last = n == len(lines) and not text.endswith("\n")
-                hint = " (the last line is cut off: truncated file?)" if last else ""
-                raise UserError(f"{path}: invalid JSON at line {n}, column {e.colno}: {e.msg}{hint}; "
-                                f"expected {expected}") from None
-        return rows
+        return read_jsonl(path, expected)  # the package's one JSONL reader (safe for U+2028 in strings)
     data = _read_json(path, expected)
     if isinstance(data, dict):
         for key in ("data", "records", "rows"):

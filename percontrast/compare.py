@@ -11,15 +11,18 @@ study, and several ``eval_sets`` (cross-task transfer: train on one task's data,
 evaluate on each).
 
 Output (``output_dir``): ``cells/<key>.json`` per finished (method, seed, lr, clip, eval
-set), written atomically and skipped on a rerun (resume); ``results.json`` and
-``results.md`` (per method: mean over seeds with a 95% t-interval, paired bootstrap
-difference against ``ce`` over test examples, relative gain over ce in %, wall time,
-peak memory) and ``results.png``. Everything is checked (methods, metrics, data files,
-train settings) before the first training step.
+set), written atomically and reused on a rerun (resume) only when the hash of everything
+that defines the cell (settings, model, data content, decoding, prompt) still matches;
+``results.json`` and ``results.md`` (per method: mean over seeds with a 95% t-interval;
+against ``ce``, on the seeds both have, paired by seed and example: the mean difference
+with a bootstrap interval over examples and one over seeds then examples, and the
+relative gain in %; wall time, peak memory) and ``results.png``. Everything is checked
+(methods, metrics, data files, train settings, stale cells) before the first training step.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -59,11 +62,15 @@ class CompareConfig(ModelDataOptions, DecodingFields):
     clips: list[str] = field(default_factory=list, help="Clip grid as m:M (e.g. 0.8:5 0.5:5); empty: train's "
                              "clip_min/clip_max. Applies to perce/lossce/entce; ce ignores it.")
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS), help="Metrics to report.")
-    bootstrap_resamples: int = field(10000, help="Paired bootstrap resamples (seeded with 0).")
+    bootstrap_resamples: int = field(10000, help="Resamples of each bootstrap interval of the difference to ce "
+                                     "(examples only; seeds then examples), RNG seed 0.")
     output_dir: str = field("out/compare", help="Cells, results.md/json and results.png go here.")
     progress: bool = field(True, help="Show progress bars.")
     summarize_only: bool = field(False, help="Only rebuild results.md/json/png from the finished cells; "
                                  "train and evaluate nothing (e.g. after a time-boxed run).")
+    adopt_unhashed_cells: bool = field(False, help="Reuse cells written before cells carried a settings hash, "
+                                       "taking your word that they were made with this config (they are "
+                                       "listed in results.json/md). Without it such cells are refused.")
 
     def __post_init__(self):
         super().__post_init__()
@@ -155,6 +162,91 @@ def _uses_clip(method: str) -> bool:
     return method in ("perce", "lossce", "entce")
 
 
+# What a cell's hash leaves out, and why: where files go and how chatty the run is do not
+# change a trained model or its outputs; data/limit are replaced by the content digest of
+# the records actually used (moving the data folder must not invalidate cells, editing it
+# must); no_profile is not read by compare (the method decides the prompt).
+_NOT_DEFINING_TRAIN = {"output_dir", "resume", "overwrite", "progress", "logging_steps", "save_steps",
+                       "save_total_limit"}
+_NOT_DEFINING_SHARED = {"data", "limit", "trust_remote_code"}
+_NOT_DEFINING_DECODING = {"no_profile"}
+_CLIP_FIELDS = {"clip_min", "clip_max", "allow_negative_clip"}
+TRAIN_RECORDS = "__train__"  # key of the training records in the digests
+
+
+def digest(obj) -> str:
+    """sha256 of canonical JSON (sorted keys, no whitespace): equal content, equal digest."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def cell_definition(cfg: CompareConfig, method: str, seed: int, setting: dict | None, es: dict,
+                    digests: dict[str, str]) -> dict:
+    """Everything that decides a cell's predictions; its digest is the cell's ``config_hash``.
+
+    ``setting`` is None for an untrained method. Trained methods carry the full resolved
+    TrainConfig (defaults included, so a changed default also counts as a change)."""
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelDataOptions)
+              if f.name not in _NOT_DEFINING_SHARED}
+    decoding = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DecodingFields)
+                if f.name not in _NOT_DEFINING_DECODING}
+    d = {"method": method, "seed": seed, "shared": shared, "decoding": decoding,
+         "eval_set": {"name": es["name"], "task": es["task"], "records_sha256": digests[es["name"]]},
+         "train": None}
+    if setting is not None:
+        tcfg = cfg.train_config(method, seed, setting["lr"], (setting["clip_min"], setting["clip_max"]))
+        skip = _NOT_DEFINING_TRAIN | set(shared) | _NOT_DEFINING_SHARED | (set() if _uses_clip(method)
+                                                                           else _CLIP_FIELDS)
+        d["train"] = {"records_sha256": digests[TRAIN_RECORDS],
+                      "config": {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in skip}}
+    return d
+
+
+def _changed_paths(a, b, prefix: str = "") -> list[str]:
+    """Dotted paths where two definitions differ (for the refusal message)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _changed_paths(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def read_cell(path: Path, definition: dict, cfg: CompareConfig) -> dict:
+    """A finished cell, checked against the cell the current config would compute.
+
+    Reusing a cell made with other settings would mix two experiments in one table, so
+    any mismatch is one UserError naming the file and the way out."""
+    try:
+        cell = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable cell ({e}); delete it to recompute it") from None
+    stored = cell.get("config_hash")
+    if stored is None and not cfg.adopt_unhashed_cells:
+        raise UserError(f"{path}: cell has no settings hash (written by an older percontrast), so it cannot be "
+                        "checked against this config; delete it to recompute it, use a new output_dir, or pass "
+                        "--adopt-unhashed-cells if you know it was made with exactly these settings")
+    if stored is not None and stored != digest(definition):
+        changed = _changed_paths(cell.get("definition") or {}, json.loads(json.dumps(definition, default=str)))
+        shown = ", ".join(changed[:4]) + (f" (+{len(changed) - 4} more)" if len(changed) > 4 else "") \
+            if changed else "not recorded"
+        raise UserError(f"{path}: cell was computed with other settings than this config (changed: {shown}); "
+                        "delete it to recompute it, or use a new output_dir to keep both")
+    missing = [m for m in cfg.metrics if m not in cell.get("metrics", {})]
+    if missing:
+        raise UserError(f"{path}: cell has no {', '.join(missing)} scores; delete it to recompute it, "
+                        "or use a new output_dir")
+    cell["unhashed"] = stored is None
+    return cell
+
+
+def record_digests(train_records: list[dict], eval_records: dict[str, list[dict]]) -> dict[str, str]:
+    """Content digests of the records each cell is trained / evaluated on (after limits)."""
+    out = {name: digest(recs) for name, recs in eval_records.items()}
+    out[TRAIN_RECORDS] = digest(train_records)
+    return out
+
+
 class PeakMemory:
     """Peak memory while the block runs: CUDA max_memory_allocated on GPU, else the
     process RSS sampled every 50 ms (a sampler, so very short spikes can be missed)."""
@@ -244,11 +336,57 @@ def _write_json(path: Path, obj) -> None:
 
 # ---------------------------------------------------------------- run
 
+def _jobs(cfg: CompareConfig, settings: list[dict], base_seeds: list[int]) -> list[tuple]:
+    """(method, seed, setting or None) per model to build, seed-major: every method for the
+    first seed, then the next seed ..., so an interrupted or time-boxed run still has
+    complete method comparisons for the seeds done."""
+    jobs = [(m, base_seeds[0], None) for m in cfg.methods if m in BASE_METHODS]
+    for i, s in enumerate(cfg.seeds):
+        if i > 0:
+            jobs += [(m, s, None) for m in cfg.methods if m in BASE_METHODS and s in base_seeds]
+        for st_i, st in enumerate(settings):
+            for m in cfg.methods:
+                if m in BASE_METHODS:
+                    continue
+                # ce ignores the clip: train it once per learning rate
+                if not _uses_clip(m) and any(x["lr"] == st["lr"] for x in settings[:st_i]):
+                    continue
+                jobs.append((m, s, st))
+    return jobs
+
+
+def _plan(cfg, jobs, eval_sets, digests, out: Path) -> list[dict]:
+    """Per job: its cells (eval set, file, definition) and which are already finished. Every
+    finished cell is checked against the current config here, before any training."""
+    plan = []
+    for m, s, st in jobs:
+        cells = []
+        for es in eval_sets:
+            path = out / "cells" / f"{cell_key(m, s, st or {}, es['name'], st is not None)}.json"
+            definition = cell_definition(cfg, m, s, st, es, digests)
+            if path.exists():
+                read_cell(path, definition, cfg)
+            cells.append({"es": es, "path": path, "definition": definition})
+        plan.append({"method": m, "seed": s, "setting": st, "cells": cells})
+    return plan
+
+
+def _generate(model, tok, recs, es: dict, cfg: CompareConfig, method: str, seed: int) -> tuple[list[str], dict]:
+    """Predictions for one eval set, and the prompt-length counters (profile cut / removed)."""
+    from .encoding import EncodeStats
+    from .evaluate import generate_for
+
+    stats = EncodeStats()
+    texts = generate_for(model, tok, recs, es["task"], cfg, cfg, use_profile=(method != "base_noprofile"),
+                         seed=seed, progress=cfg.progress, stats=stats)
+    return texts, stats.counts()
+
+
 def run(cfg: CompareConfig) -> dict:
     import torch
 
-    from .data import load_records
-    from .evaluate import generate_for, score
+    from .data import load_records, write_text_atomic
+    from .evaluate import score
     from .metrics import metric_versions
     from .models import default_device
     from .prompts import get_task
@@ -268,38 +406,24 @@ def run(cfg: CompareConfig) -> dict:
                 cfg.train_config(m, cfg.seeds[0], s["lr"], (s["clip_min"], s["clip_max"]))
     if REFERENCE not in cfg.methods:
         raise UserError(f"methods must include {REFERENCE!r}: every difference is taken against it")
+    # The base model is deterministic under greedy decoding: one seed is enough.
+    base_seeds = cfg.seeds if cfg.do_sample else cfg.seeds[:1]
+    plan = _plan(cfg, _jobs(cfg, settings, base_seeds), eval_sets,
+                 record_digests(train_records, eval_records), out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     _write_json(out / "compare_config.json", dataclasses.asdict(cfg))
     device = default_device()
-    # The base model is deterministic under greedy decoding: one seed is enough.
-    base_seeds = cfg.seeds if cfg.do_sample else cfg.seeds[:1]
-
-    # Seed-major order (every method for the first seed, then the next seed ...): an
-    # interrupted or time-boxed run still has complete method comparisons for the seeds done.
-    jobs = [(m, base_seeds[0], None) for m in cfg.methods if m in BASE_METHODS]
-    for i, s in enumerate(cfg.seeds):
-        if i > 0:
-            jobs += [(m, s, None) for m in cfg.methods if m in BASE_METHODS and s in base_seeds]
-        for st_i, st in enumerate(settings):
-            for m in cfg.methods:
-                if m in BASE_METHODS:
-                    continue
-                # ce ignores the clip: train it once per learning rate
-                if not _uses_clip(m) and any(x["lr"] == st["lr"] for x in settings[:st_i]):
-                    continue
-                jobs.append((m, s, st))
 
     done = skipped = 0
-    for m, s, st in jobs if not cfg.summarize_only else []:
-        trained = st is not None
-        keys = {es["name"]: cell_key(m, s, st or {}, es["name"], trained) for es in eval_sets}
-        todo = [es for es in eval_sets if not (out / "cells" / f"{keys[es['name']]}.json").exists()]
-        skipped += len(eval_sets) - len(todo)
+    for job in plan if not cfg.summarize_only else []:
+        m, s, st = job["method"], job["seed"], job["setting"]
+        todo = [c for c in job["cells"] if not c["path"].exists()]
+        skipped += len(job["cells"]) - len(todo)
         if not todo:
             continue
         t0 = time.perf_counter()
         with PeakMemory() as mem:
-            if trained:
+            if st is not None:
                 tcfg = cfg.train_config(m, s, st["lr"], (st["clip_min"], st["clip_max"]),
                                         output_dir=str(out / "_train" / f"{m}__seed{s}"))
                 model, tok, info = train_model(tcfg, train_records)
@@ -308,34 +432,34 @@ def run(cfg: CompareConfig) -> dict:
                 info = {"steps": 0, "train_s": 0.0}
             model.to(device)
         train_s = time.perf_counter() - t0
-        train_peak = mem.peak
-        for es in todo:
-            recs = eval_records[es["name"]]
+        for c in todo:
+            recs = eval_records[c["es"]["name"]]
             t1 = time.perf_counter()
             with PeakMemory() as emem:
-                texts = generate_for(model, tok, recs, es["task"], cfg, cfg, use_profile=(m != "base_noprofile"),
-                                     seed=s, progress=cfg.progress)
+                texts, prompt_stats = _generate(model, tok, recs, c["es"], cfg, m, s)
             eval_s = time.perf_counter() - t1
             per, corpus = score(texts, recs, cfg.metrics)
-            cell = {"method": m, "seed": s, "eval_set": es["name"], "trained": trained,
-                    "lr": st["lr"] if trained else None,
-                    "clip_min": st["clip_min"] if trained and _uses_clip(m) else None,
-                    "clip_max": st["clip_max"] if trained and _uses_clip(m) else None,
-                    "metrics": corpus, "train": info, "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
-                    "peak_mem_bytes": max(train_peak, emem.peak), "mem_kind": mem.kind,
+            cell = {"method": m, "seed": s, "eval_set": c["es"]["name"], "trained": st is not None,
+                    "lr": st["lr"] if st else None,
+                    "clip_min": st["clip_min"] if st and _uses_clip(m) else None,
+                    "clip_max": st["clip_max"] if st and _uses_clip(m) else None,
+                    "config_hash": digest(c["definition"]), "definition": c["definition"],
+                    "metrics": corpus, "prompt_stats": prompt_stats, "train": info, "train_s": round(train_s, 2),
+                    "eval_s": round(eval_s, 2), "peak_mem_bytes": max(mem.peak, emem.peak), "mem_kind": mem.kind,
                     "examples": [{"id": r["id"], "prediction": t, "scores": sc}
                                  for r, t, sc in zip(recs, texts, per)]}
-            _write_json(out / "cells" / f"{keys[es['name']]}.json", cell)
+            _write_json(c["path"], cell)
             done += 1
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    results = summarize(cfg, out, eval_sets, settings, base_seeds)
+    # Re-read and re-check every finished cell: parallel processes may have added some.
+    cells = [read_cell(c["path"], c["definition"], cfg) for job in plan for c in job["cells"] if c["path"].exists()]
+    results = summarize(cfg, cells, eval_sets, settings, base_seeds)
     results["metric_versions"] = metric_versions()
     results["run"] = run_info(cfg)
     _write_json(out / "results.json", results)
-    from .data import write_text_atomic
     write_text_atomic(out / "results.md", render_markdown(results))
     plot(results, out / "results.png")
     return {"cells_computed": done, "cells_skipped": skipped, "output_dir": str(out),
@@ -343,10 +467,6 @@ def run(cfg: CompareConfig) -> dict:
 
 
 # ---------------------------------------------------------------- summary
-
-def _load_cells(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
-
 
 def _cells_for(cells, method, eval_name, setting, seeds):
     """Cells of one method at one grid point (base methods ignore the grid; ce ignores the clip)."""
@@ -364,57 +484,102 @@ def _cells_for(cells, method, eval_name, setting, seeds):
     return sorted(sel, key=lambda c: c["seed"])
 
 
-def _per_example_mean(cells: list[dict], metric: str) -> tuple[list[str], list[float]]:
-    """Per-example score averaged over seeds (the pooled paired-bootstrap input)."""
-    ids = [e["id"] for e in cells[0]["examples"]]
-    for c in cells[1:]:
-        if [e["id"] for e in c["examples"]] != ids:
-            raise UserError(f"cells of {c['method']} disagree on the test ids; delete stale cells and rerun")
-    vals = [sum(c["examples"][i]["scores"][metric] for c in cells) / len(cells) for i in range(len(ids))]
-    return ids, vals
+def pair_by_seed(cells: list[dict], ref_cells: list[dict], seed_independent: bool) -> tuple[list[dict], list[dict]]:
+    """(method cells, reference cells), one pair per shared seed, in seed order.
+
+    A seed-independent method (untrained, greedy: every seed would give the same output,
+    which is why it is run once) stands for every reference seed. Otherwise only seeds
+    both have count: averaging a 1-seed method against a 3-seed reference would compare
+    one training run with the mean of three, mixing seed luck into the difference."""
+    if seed_independent and cells:
+        return [cells[0]] * len(ref_cells), list(ref_cells)
+    by_seed = {c["seed"]: c for c in cells}
+    ref = [r for r in ref_cells if r["seed"] in by_seed]
+    return [by_seed[r["seed"]] for r in ref], ref
 
 
-def summarize(cfg: CompareConfig, out: Path, eval_sets: list[dict], settings: list[dict],
+def score_table(cells: list[dict], metric: str, ids: list[str]) -> list[list[float]]:
+    """Per-example scores [seeds][examples], examples in the order of ``ids`` (paired by id)."""
+    rows = []
+    for c in cells:
+        by_id = {e["id"]: e["scores"][metric] for e in c["examples"]}
+        if set(by_id) != set(ids):
+            raise UserError(f"cell {c['method']} seed {c['seed']} ({c['eval_set']}) has other test ids than the "
+                            f"{REFERENCE} cells; delete the stale cells and rerun")
+        rows.append([by_id[i] for i in ids])
+    return rows
+
+
+def vs_reference(cells: list[dict], ref_cells: list[dict], metric: str, resamples: int) -> tuple[dict, float | None]:
+    """Paired difference (method - reference) of ``metric`` over shared seeds x examples:
+    mean, examples-only bootstrap (seed-averaged per-example scores; ``lo``/``hi``), and the
+    two-level bootstrap over seeds then examples (``two_level``); plus the relative gain in %."""
+    import numpy as np
+
+    from .stats import paired_bootstrap, relative_gain, two_level_bootstrap
+
+    ids = [e["id"] for e in ref_cells[0]["examples"]]
+    a = np.asarray(score_table(cells, metric, ids))      # [S, I]
+    b = np.asarray(score_table(ref_cells, metric, ids))  # [S, I]
+    res = paired_bootstrap(a.mean(axis=0), b.mean(axis=0), n_resamples=resamples, seed=0)
+    res["seeds"] = [c["seed"] for c in ref_cells]
+    res["two_level"] = two_level_bootstrap(a - b, n_resamples=resamples, seed=0)
+    return res, relative_gain(float(a.mean()), float(b.mean()))
+
+
+def _prompt_counts(cells: list[dict]) -> dict:
+    """Prompt-length counters of a method's cells (the same prompts for every seed); cells
+    written before they were recorded give None."""
+    stats = [c.get("prompt_stats") for c in cells]
+    if any(st is None for st in stats):
+        return {"profile_cut": None, "profile_removed": None}
+    return {"profile_cut": max(st.get("profile_cut", 0) for st in stats),
+            "profile_removed": max(st.get("profile_removed", 0) for st in stats)}
+
+
+def _row(cfg: CompareConfig, m: str, mc: list[dict], ref_cells: list[dict]) -> dict:
+    from .stats import t_interval
+
+    det = m in BASE_METHODS and not cfg.do_sample
+    row = {"method": m, "seeds": [c["seed"] for c in mc], "metrics": {}, "vs_ce": {}, "gain_pct": {},
+           "shared_seeds": None, "train_s": sum(c["train_s"] for c in mc) / len(mc),
+           "eval_s": sum(c["eval_s"] for c in mc) / len(mc),
+           "peak_mem_mb": max(c["peak_mem_bytes"] for c in mc) / 2 ** 20, "mem_kind": mc[0]["mem_kind"],
+           "deterministic": det, **_prompt_counts(mc)}
+    for metric in cfg.metrics:
+        d = t_interval([c["metrics"][metric] for c in mc]).as_dict()
+        if det:  # greedy, untrained: every seed gives the same output
+            d["lo"] = d["hi"] = d["mean"]
+        row["metrics"][metric] = d
+    if m == REFERENCE or not ref_cells:
+        return row
+    pm, pr = pair_by_seed(mc, ref_cells, det)
+    row["shared_seeds"] = [c["seed"] for c in pr]
+    for metric in cfg.metrics if pm else []:
+        row["vs_ce"][metric], row["gain_pct"][metric] = vs_reference(pm, pr, metric, cfg.bootstrap_resamples)
+    return row
+
+
+def summarize(cfg: CompareConfig, cells: list[dict], eval_sets: list[dict], settings: list[dict],
               base_seeds: list[int]) -> dict:
-    from .stats import paired_bootstrap, relative_gain, t_interval
-
-    cells = _load_cells(out)
     groups = []
     for es in eval_sets:
         for st in settings:
-            rows = []
             ref_cells = _cells_for(cells, REFERENCE, es["name"], st, cfg.seeds)
+            rows = []
             for m in cfg.methods:
-                seeds = base_seeds if m in BASE_METHODS else cfg.seeds
-                mc = _cells_for(cells, m, es["name"], st, seeds)
-                if not mc:
-                    continue
-                row = {"method": m, "seeds": [c["seed"] for c in mc], "metrics": {}, "vs_ce": {}, "gain_pct": {},
-                       "train_s": sum(c["train_s"] for c in mc) / len(mc),
-                       "eval_s": sum(c["eval_s"] for c in mc) / len(mc),
-                       "peak_mem_mb": max(c["peak_mem_bytes"] for c in mc) / 2 ** 20, "mem_kind": mc[0]["mem_kind"],
-                       "deterministic": m in BASE_METHODS and not cfg.do_sample}
-                for metric in cfg.metrics:
-                    iv = t_interval([c["metrics"][metric] for c in mc])
-                    d = iv.as_dict()
-                    if row["deterministic"]:  # greedy, untrained: every seed gives the same output
-                        d["lo"] = d["hi"] = d["mean"]
-                    row["metrics"][metric] = d
-                    if ref_cells and m != REFERENCE:
-                        ids_m, vm = _per_example_mean(mc, metric)
-                        ids_r, vr = _per_example_mean(ref_cells, metric)
-                        if ids_m == ids_r:
-                            row["vs_ce"][metric] = paired_bootstrap(vm, vr, n_resamples=cfg.bootstrap_resamples,
-                                                                    seed=0)
-                            row["gain_pct"][metric] = relative_gain(sum(vm) / len(vm), sum(vr) / len(vr))
-                rows.append(row)
+                mc = _cells_for(cells, m, es["name"], st, base_seeds if m in BASE_METHODS else cfg.seeds)
+                if mc:
+                    rows.append(_row(cfg, m, mc, ref_cells))
             groups.append({"eval_set": es["name"], "task": es["task"], "data": es["data"],
-                           "n_examples": len(_cells_for(cells, REFERENCE, es["name"], st, cfg.seeds)[0]["examples"])
-                           if ref_cells else None, **st, "rows": rows})
+                           "n_examples": len(ref_cells[0]["examples"]) if ref_cells else None, **st, "rows": rows})
     return {"model": cfg.model, "train_data": cfg.data, "task": cfg.task, "methods": cfg.methods, "seeds": cfg.seeds,
             "train": cfg.train, "decoding": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DecodingFields)},
             "prompt": {"k": cfg.k, "retriever": cfg.retriever, "max_length": cfg.max_length},
-            "metrics": cfg.metrics, "bootstrap_resamples": cfg.bootstrap_resamples, "groups": groups}
+            "metrics": cfg.metrics, "bootstrap_resamples": cfg.bootstrap_resamples,
+            "unhashed_cells": sorted(f"{c['method']}__seed{c['seed']}__{c['eval_set']}" for c in cells
+                                     if c.get("unhashed")),
+            "groups": groups}
 
 
 _LABEL = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
@@ -427,33 +592,84 @@ def _fmt_iv(d: dict) -> str:
     return f"{100 * d['mean']:.2f} [{100 * d['lo']:.2f}, {100 * d['hi']:.2f}]"
 
 
+def _fmt_delta(b: dict | None, shared: list | None) -> str:
+    if shared == []:
+        return "no shared seed"
+    if b is None:
+        return "—"
+    text = f"{100 * b['diff']:+.2f} [{100 * b['lo']:+.2f}, {100 * b['hi']:+.2f}]"
+    tl = b.get("two_level")  # absent in results written before it existed
+    if tl is None:
+        return text
+    if not tl["seed_level"]:
+        return text + " [n/a: 1 shared seed]"
+    return text + f" [{100 * tl['lo']:+.2f}, {100 * tl['hi']:+.2f}]"
+
+
+def _fmt_shared(r: dict) -> str:
+    shared = r.get("shared_seeds")
+    if r["method"] == REFERENCE or shared is None:
+        return "—"
+    return f"{len(shared)}{'*' if r['deterministic'] and shared else ''}"
+
+
+_NOTES = ("Scores x100. Per method: mean over its seeds [95% t-interval over seeds]. "
+          "Δ vs ce: mean paired difference over the seeds both methods have ('shared seeds'; pairs by seed "
+          "and by test example); a method that shares no seed with ce is not compared ('no shared seed'). "
+          "First bracket: 95% percentile bootstrap resampling test examples only (per-example differences "
+          "averaged over the shared seeds; ignores seed variance). Second bracket: 95% two-level bootstrap "
+          "resampling the shared seeds, then the test examples (seed and example variance); with one shared "
+          "seed there is no seed level ('n/a: 1 shared seed'). {resamples} resamples each, RNG seed 0. "
+          "Gain: relative difference against ce of the means over the shared seeds, in %. "
+          "\\* untrained and greedy: evaluated once (the output is the same for every seed), and that run is "
+          "paired with every ce seed.")
+
+
+def _group_tables(res: dict, g: dict) -> list[str]:
+    label = [_LABEL.get(m, m) for m in res["metrics"]]
+    head = ["method", "seeds"] + label + ["train+load s", "eval s", "peak MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in g["rows"]:
+        cells = [r["method"], str(len(r["seeds"]))] + [_fmt_iv(r["metrics"][m]) for m in res["metrics"]]
+        cells += [f"{r['train_s']:.0f}", f"{r['eval_s']:.0f}", f"{r['peak_mem_mb']:.0f} ({r['mem_kind']})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    head = ["method", "shared seeds with ce"] + \
+           [f"Δ{x} vs ce [CI: examples] [CI: seeds, then examples]" for x in label] + [f"gain {x} %" for x in label]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in g["rows"]:
+        if r["method"] == REFERENCE:
+            continue
+        shared = r.get("shared_seeds")
+        cells = [r["method"], _fmt_shared(r)] + [_fmt_delta(r["vs_ce"].get(m), shared) for m in res["metrics"]]
+        cells += ["—" if r["gain_pct"].get(m) is None else f"{r['gain_pct'][m]:+.1f}" for m in res["metrics"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", _prompt_note(g)]
+
+
+def _prompt_note(g: dict) -> str:
+    """How many eval prompts the length limit cut the profile of, or removed it from entirely."""
+    counts = {(r.get("profile_cut"), r.get("profile_removed")) for r in g["rows"]}
+    n = g["n_examples"] or "?"
+    if len(counts) == 1:
+        cut, removed = counts.pop()
+        if cut is None:
+            return "Prompt length: not recorded in these cells."
+        return (f"Prompt length: max_length cut the profile in {cut} of {n} eval prompts and removed it entirely "
+                f"in {removed} (same for every method).")
+    parts = [f"{r['method']} {r.get('profile_cut')}/{r.get('profile_removed')}" for r in g["rows"]]
+    return f"Prompt length (profile cut / removed, of {n} eval prompts): " + ", ".join(parts) + "."
+
+
 def render_markdown(res: dict) -> str:
     lines = [f"# compare: {res['model']} on {res['task']} ({res['train_data']})", "",
-             "Scores x100. Per method: mean over seeds [95% t-interval over seeds]. "
-             f"Δ vs ce: mean per-example difference (per-example scores averaged over seeds first) "
-             f"[95% paired bootstrap interval over test examples, {res['bootstrap_resamples']} resamples, seed 0]. "
-             "Gain: relative difference of the means against ce, in %. Base methods are untrained and greedy: "
-             "evaluated once (no seed variance).", ""]
+             _NOTES.format(resamples=res["bootstrap_resamples"]), ""]
     for g in res["groups"]:
-        lines.append(f"## eval set `{g['eval_set']}` ({g['task']}, {g['n_examples']} examples), "
-                     f"lr {g['lr']:g}, clip [{g['clip_min']:g}, {g['clip_max']:g}]")
-        lines.append("")
-        head = ["method", "seeds"] + [_LABEL.get(m, m) for m in res["metrics"]] + \
-               [f"Δ{_LABEL.get(m, m)} vs ce" for m in res["metrics"]] + \
-               [f"gain {_LABEL.get(m, m)} %" for m in res["metrics"]] + ["train+load s", "eval s", "peak MB"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in g["rows"]:
-            cells = [r["method"], str(len(r["seeds"]))]
-            cells += [_fmt_iv(r["metrics"][m]) for m in res["metrics"]]
-            for m in res["metrics"]:
-                b = r["vs_ce"].get(m)
-                cells.append("—" if b is None else f"{100 * b['diff']:+.2f} [{100 * b['lo']:+.2f}, {100 * b['hi']:+.2f}]")
-            for m in res["metrics"]:
-                gp = r["gain_pct"].get(m)
-                cells.append("—" if gp is None else f"{gp:+.1f}")
-            cells += [f"{r['train_s']:.0f}", f"{r['eval_s']:.0f}", f"{r['peak_mem_mb']:.0f} ({r['mem_kind']})"]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += [f"## eval set `{g['eval_set']}` ({g['task']}, {g['n_examples']} examples), "
+                  f"lr {g['lr']:g}, clip [{g['clip_min']:g}, {g['clip_max']:g}]", ""]
+        lines += _group_tables(res, g) + [""]
+    if res.get("unhashed_cells"):
+        lines += [f"Cells without a settings hash, reused on the user's word (--adopt-unhashed-cells): "
+                  f"{', '.join(res['unhashed_cells'])}.", ""]
     run = res.get("run", {})
     lines += [f"Machine: {run.get('machine')}; date {run.get('date')}; git {run.get('git_commit')}.",
               f"Train settings: `{json.dumps(res['train'])}`; decoding: `{json.dumps(res['decoding'])}`; "

@@ -20,18 +20,43 @@ BUILTIN = {"builtin:sample-train": ASSETS / "sample-train.jsonl",
            "builtin:sample-test": ASSETS / "sample-test.jsonl"}
 
 
-def _read_jsonl(path: Path, text: str) -> list[Any]:
+def parse_jsonl(text: str, source: str | Path, expected: str | None = None) -> list[Any]:
+    """The package's one JSONL parser (data files, LongLaMP files, corpus sources): one JSON value per
+    line, blank lines skipped. A bad line is a ``DataError`` naming ``source`` and the line number."""
     rows = []
     # Split on "\n" only: str.splitlines() also splits on U+2028/U+2029/U+0085/\x0b/\x1c.., which
     # json.dumps(ensure_ascii=False) leaves raw inside strings, and would cut a valid record in two.
-    for lineno, line in enumerate(text.split("\n"), 1):
+    lines = text.split("\n")
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON at line {lineno}, column {e.colno}: {e.msg}", file=str(path)) from None
+            # The last piece of the split is what follows the final newline: a bad line there means
+            # the file does not end with a newline, the usual sign of a cut-off download or write.
+            hint = " (the last line is cut off: truncated file?)" if lineno == len(lines) else ""
+            tail = f"; expected {expected}" if expected else ""
+            raise DataError(f"invalid JSON at line {lineno}, column {e.colno}: {e.msg}{hint}{tail}",
+                            file=str(source)) from None
     return rows
+
+
+def read_text_utf8(path: Path) -> str:
+    """A file's text (UTF-8, an optional BOM dropped); bad bytes are a ``DataError`` naming the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"not valid UTF-8 at line {line} (bad byte 0x{raw[e.start]:02x} at offset {e.start})",
+                        file=str(path)) from None
+
+
+def read_jsonl(path: str | Path, expected: str | None = None) -> list[Any]:
+    """Rows of a JSONL file (``parse_jsonl`` on its UTF-8 text)."""
+    p = Path(path)
+    return parse_jsonl(read_text_utf8(p), p, expected)
 
 
 def read_rows(path: str | Path) -> list[Any]:
@@ -47,17 +72,11 @@ def read_rows(path: str | Path) -> list[Any]:
             return pq.read_table(p).to_pylist()
         except Exception as e:  # noqa: BLE001 - a corrupt parquet file is the user's
             raise DataError(f"cannot read Parquet: {type(e).__name__}: {e}", file=str(p)) from None
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"not valid UTF-8 at line {line} (bad byte 0x{raw[e.start]:02x} at offset {e.start})",
-                        file=str(p)) from None
+    text = read_text_utf8(p)
     if not text.strip():
         raise DataError("file is empty", file=str(p))
     if p.suffix == ".jsonl" or (p.suffix != ".json" and not text.lstrip().startswith("[")):
-        return _read_jsonl(p, text)
+        return parse_jsonl(text, p)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import field
 from .errors import UserError
+from .models import model_option
 
 
 @dataclass
@@ -32,6 +33,8 @@ class DemoConfig:
     k: int = field(3, help="Profile items in each prompt.")
     generate: bool = field(True, help="Also generate for the held-out messages and report ROUGE-L.")
     overwrite: bool = field(True, help="Replace a previous demo's output.")
+    dtype: str = model_option("dtype")
+    trust_remote_code: bool = model_option("trust_remote_code")
 
     def __post_init__(self):
         if self.epochs <= 0 or self.learning_rate <= 0 or self.batch_size < 1 or self.k < 1:
@@ -79,7 +82,7 @@ def run(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     print(f"[1/4] loading {cfg.model} (the first run converts the GGUF weights once, ~1 min) ...", flush=True)
     transformers.set_seed(0)
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     builder = PromptBuilder(tok, task, k=cfg.k)
     decoding = DecodingOptions(max_new_tokens=48)
 
@@ -98,7 +101,8 @@ def run(cfg: DemoConfig) -> dict:
     print(f"[3/4] fine-tuning with {cfg.method} on 24 messages ({cfg.epochs:g} epochs) ...", flush=True)
     tcfg = TrainConfig(model=cfg.model, data="builtin:sample-train", task="email", method=cfg.method, k=cfg.k,
                        epochs=cfg.epochs, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
-                       output_dir=str(out / "model"), save_total_limit=1, logging_steps=2, progress=False)
+                       output_dir=str(out / "model"), save_total_limit=1, logging_steps=2, progress=False,
+                       dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     trainer, _ = build_trainer(tcfg, model, tok, train)
     t_train = time.perf_counter()
     trainer.train()

@@ -7,7 +7,14 @@ prompt+response as one string can merge tokens across the boundary).
 
 Too long? The profile is cut first (fewer words of retrieved items, latest-ranked
 first), then the input (the same cut in both prompts), and only then the response,
-which is counted in ``EncodeStats`` and warned about, never cut silently.
+which is counted in ``EncodeStats`` and warned about, never cut silently. A profile cut
+to nothing is counted apart (``profile_removed``): both prompts are then the same, PIR is
+0 on every token and PerCE degrades to ``clip_min`` x CE for that example.
+
+The prompt budget is ``max_length`` minus the gold response's length whether or not the
+response is returned, so a generation prompt keeps exactly the profile text that training
+(and scoring) keep for the same record. A record without a gold output reserves
+``reserve_tokens`` (the generation length) instead.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import UserError
-from .prompts import Task, counterfactual_prompt, personalized_prompt, profile_words, query_text
+from .prompts import COUNTERFACTUAL_PROMPTS, Task, counterfactual_prompt, personalized_prompt, profile_words, query_text
 from .retrieval import retrieve
 
 logger = logging.getLogger(__name__)
@@ -26,18 +33,59 @@ logger = logging.getLogger(__name__)
 @dataclass
 class EncodeStats:
     examples: int = 0
-    profile_cut: int = 0
+    profile_cut: int = 0         # profile shortened (includes profile_removed)
+    profile_removed: int = 0     # profile cut to nothing: PIR is 0 everywhere for these
     input_cut: int = 0
     response_cut: int = 0
     response_tokens_dropped: int = 0
+
+    def counts(self) -> dict[str, int]:
+        """For results files: how many examples the length limit changed, and how."""
+        return {"examples_encoded": self.examples, "profile_cut": self.profile_cut,
+                "profile_removed": self.profile_removed, "input_cut": self.input_cut,
+                "response_cut": self.response_cut}
 
     def warn(self) -> None:
         if self.response_cut:
             logger.warning("max_length cut the RESPONSE of %d/%d examples (%d tokens dropped); raise max_length",
                            self.response_cut, self.examples, self.response_tokens_dropped)
+        if self.profile_removed:
+            logger.warning("max_length removed the WHOLE profile of %d/%d examples: both prompts are the same, "
+                           "their PIR is 0 and PerCE weights every token clip_min; raise max_length or lower k",
+                           self.profile_removed, self.examples)
         if self.profile_cut or self.input_cut:
             logger.info("max_length: profile cut in %d, input cut in %d of %d examples",
                         self.profile_cut, self.input_cut, self.examples)
+
+
+_SENTINEL = "PERCONTRAST-END-OF-RESPONSE-7f3a"
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token that closes an assistant turn in the tokenizer's chat template (ChatML's
+    ``<|im_end|>``, Llama 3's ``<|eot_id|>``), found by rendering a turn with a sentinel
+    answer; the tokenizer's EOS when there is no template or it shows no special token there.
+    Training targets end with it, so a fine-tuned model learns to close its turn the way the
+    template (and therefore generation) expects."""
+    eos = tokenizer.eos_token_id
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}],
+            tokenize=False, enable_thinking=False)
+    except Exception:  # noqa: BLE001 - a template that refuses this conversation: fall back to EOS
+        return eos
+    at = text.find(_SENTINEL)
+    if at < 0:
+        return eos
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for tid in tokenizer(text[at + len(_SENTINEL):], add_special_tokens=False)["input_ids"]:
+        if tid in special:
+            return tid
+        if tokenizer.decode([tid]).strip():   # ordinary text before any special token: no marker
+            break
+    return eos
 
 
 @dataclass
@@ -51,25 +99,34 @@ class PromptBuilder:
     seed: int = 0
     use_chat_template: bool | None = None     # None: use it when the tokenizer has one
     system_prompt: str | None = None
+    counterfactual_prompt: str = "input-only"  # see prompts.COUNTERFACTUAL_PROMPTS
+    reserve_tokens: int = 0                    # budget kept for a response a record does not have
     stats: EncodeStats = field(default_factory=EncodeStats)
 
     def __post_init__(self):
         if self.use_chat_template is None:
             self.use_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if self.counterfactual_prompt not in COUNTERFACTUAL_PROMPTS:
+            raise UserError(f"counterfactual_prompt must be one of {', '.join(COUNTERFACTUAL_PROMPTS)}, "
+                            f"got {self.counterfactual_prompt!r}")
+        self.end_id = end_of_turn_id(self.tokenizer) if self.use_chat_template else self.tokenizer.eos_token_id
 
     # -- text -> ids ---------------------------------------------------------
     def prompt_ids(self, text: str) -> list[int]:
         if self.use_chat_template:
             msgs = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
             msgs.append({"role": "user", "content": text})
-            rendered = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            # enable_thinking=False: templates with a thinking switch (Qwen3) then open the answer
+            # directly, so untrained and fine-tuned models answer in the same format; a template
+            # without the switch ignores the unused variable.
+            rendered = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                                          enable_thinking=False)
             return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
         return self.tokenizer(text + "\n", add_special_tokens=True)["input_ids"]
 
     def response_ids(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        eos = self.tokenizer.eos_token_id  # the chat template's end-of-turn for SmolLM2 / Qwen-style templates
-        return ids + ([eos] if eos is not None else [])
+        return ids + ([self.end_id] if self.end_id is not None else [])
 
     def profile_items(self, record: dict, profile: list[dict] | None = None) -> list[dict]:
         profile = record["profile"] if profile is None else profile
@@ -77,41 +134,68 @@ class PromptBuilder:
                         self.retriever, record_id=str(record["id"]), seed=self.seed)
 
     # -- the pair --------------------------------------------------------------
-    def encode(self, record: dict, *, with_response: bool = True, profile: list[dict] | None = None) -> dict:
+    def encode(self, record: dict, *, with_response: bool = True, profile: list[dict] | None = None,
+               counterfactual_profile: list[dict] | None = None) -> dict:
         """ids for one record: ``prompt_with``, ``prompt_without``, ``response`` (+ bookkeeping).
 
-        ``profile`` replaces the record's own profile (the "other user's profile" intervention).
+        ``profile`` replaces the record's own profile in the with-profile prompt.
+        ``counterfactual_profile`` puts that profile (another user's) into the counterfactual
+        prompt instead of removing the profile (the "swap" intervention).
         """
         self.stats.examples += 1
         items = self.profile_items(record, profile)
-        resp = self.response_ids(record["output"]) if with_response else []
-        budget = self.max_length - len(resp)
+        gold = record.get("output")
+        resp = self.response_ids(gold) if gold else []
+        # The budget never depends on with_response: generation sees the profile training saw.
+        budget = self.max_length - (len(resp) if resp else self.reserve_tokens)
+        x = record["input"]
 
-        def build(pw, iw):
-            return (self.prompt_ids(personalized_prompt(self.task, items, record["input"], pw, iw)),
-                    self.prompt_ids(counterfactual_prompt(self.task, record["input"], iw)))
+        def with_ids(pw, iw):
+            return self.prompt_ids(personalized_prompt(self.task, items, x, pw, iw))
 
-        p_with, p_without = build(None, None)
+        pw = iw = None
+        p_with = with_ids(None, None)
         if len(p_with) > budget:
-            pw = _largest_fitting(lambda w: len(build(w, None)[0]) <= budget, profile_words(self.task, items))
-            if pw is not None:
-                self.stats.profile_cut += 1
-                p_with, p_without = build(pw, None)
-            else:  # even with no profile text the input does not fit: cut the input too
-                self.stats.profile_cut += 1
+            self.stats.profile_cut += 1
+            pw = _largest_fitting(lambda w: len(with_ids(w, None)) <= budget, profile_words(self.task, items))
+            if pw is None:  # even with no profile text the input does not fit: cut the input too
                 self.stats.input_cut += 1
-                iw = _largest_fitting(lambda w: len(build(0, w)[0]) <= budget, len(record["input"].split()))
-                p_with, p_without = build(0, iw or 0)
+                pw = 0
+                iw = _largest_fitting(lambda w: len(with_ids(0, w)) <= budget, len(x.split())) or 0
+            p_with = with_ids(pw, iw)
+        removed = pw == 0 and bool(items)
+        self.stats.profile_removed += removed
         if len(p_with) + min(len(resp), 1) > self.max_length:
             raise UserError(f"record {record['id']}: max_length {self.max_length} is shorter than the prompt "
                             f"template with an empty profile and input ({len(p_with)} tokens); raise --max-length")
+        p_without = self._counterfactual_ids(record, counterfactual_profile, iw, budget)
         over = len(p_with) + len(resp) - self.max_length
-        if over > 0 and with_response:
-            self.stats.response_cut += 1
-            self.stats.response_tokens_dropped += over
+        if over > 0:
+            if with_response:
+                self.stats.response_cut += 1
+                self.stats.response_tokens_dropped += over
             resp = resp[: max(1, len(resp) - over)]
-        return {"id": str(record["id"]), "prompt_with": p_with, "prompt_without": p_without, "response": resp,
-                "n_profile_items": len(items)}
+        return {"id": str(record["id"]), "prompt_with": p_with, "prompt_without": p_without,
+                "response": resp if with_response else [], "n_profile_items": len(items),
+                "profile_removed": removed}
+
+    def _counterfactual_ids(self, record: dict, other: list[dict] | None, iw: int | None, budget: int) -> list[int]:
+        """The counterfactual prompt with the same input cut as the with-profile prompt: the profile
+        removed (``counterfactual_prompt`` says whether the task instruction goes too), or another
+        user's profile, cut to the same budget on its own."""
+        x = record["input"]
+        if other is None:
+            return self.prompt_ids(counterfactual_prompt(
+                self.task, x, iw, keep_instruction=self.counterfactual_prompt == "keep-instruction"))
+        items = self.profile_items(record, other)
+
+        def ids(pw):
+            return self.prompt_ids(personalized_prompt(self.task, items, x, pw, iw))
+
+        full = ids(None)
+        if len(full) <= budget:
+            return full
+        return ids(_largest_fitting(lambda w: len(ids(w)) <= budget, profile_words(self.task, items)) or 0)
 
 
 def _largest_fitting(fits, hi: int) -> int | None:

@@ -119,16 +119,19 @@ def score(texts: list[str], records: list[dict], metrics: list[str]) -> tuple[li
 
 
 def generate_for(model, tok, records: list[dict], task: str, opts: ModelDataOptions, dec: DecodingFields,
-                 *, use_profile: bool, seed: int = 0, progress: bool = True) -> list[str]:
-    """Generations for ``records`` with the prompt settings of ``opts`` (k, retriever, max_length)."""
-    from .encoding import PromptBuilder
+                 *, use_profile: bool, seed: int = 0, progress: bool = True, stats=None) -> list[str]:
+    """Generations for ``records`` with the prompt settings of ``opts`` (k, retriever, max_length).
+    Prompts get the profile budget training gives the same record; ``stats`` (an ``EncodeStats``)
+    collects how many profiles the length limit cut or removed."""
     from .generation import generate_records
-    from .prompts import get_task
 
-    builder = PromptBuilder(tok, get_task(task), k=opts.k, retriever=opts.retriever,
-                            max_length=opts.max_length, seed=opts.seed)
-    return generate_records(model, tok, records, builder, dec.decoding(seed), use_profile=use_profile,
-                            batch_size=dec.batch_size, progress=progress)
+    builder = opts.prompt_builder(tok, task, reserve_tokens=dec.max_new_tokens)
+    if stats is not None:
+        builder.stats = stats
+    texts = generate_records(model, tok, records, builder, dec.decoding(seed), use_profile=use_profile,
+                             batch_size=dec.batch_size, progress=progress)
+    builder.stats.warn()
+    return texts
 
 
 def write_outputs(out: Path, task: str, records: list[dict], texts: list[str], per: list[dict],
@@ -164,9 +167,11 @@ def run(cfg: EvalConfig) -> dict:
 
         model, tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                                 device=default_device())
+        from .encoding import EncodeStats
+        stats = EncodeStats()
         texts = generate_for(model, tok, records, cfg.task, cfg, cfg, use_profile=not cfg.no_profile,
-                             seed=cfg.seed)
-        source = {"model": cfg.model, "use_profile": not cfg.no_profile}
+                             seed=cfg.seed, stats=stats)
+        source = {"model": cfg.model, "use_profile": not cfg.no_profile, **stats.counts()}
     gen_s = time.perf_counter() - t0
     per, corpus = score(texts, records, cfg.metrics)
     summary = {"task": cfg.task, "data": cfg.data, "examples": len(records), **source,

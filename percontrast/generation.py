@@ -12,9 +12,9 @@ instead of ``model.generate``, for speed on small CPUs:
 
 Position ids come from the attention mask (each row counts only its real tokens), so a
 left-padded row computes what it would compute alone; ``tests/test_generation.py``
-checks batched == one-at-a-time token for token. Generation stops at the tokenizer's
-EOS (the chat template's end of turn for chat models), which is never part of the
-output. Sampling or a repetition penalty go through ``model.generate`` with the same
+checks batched == one-at-a-time token for token. Generation stops at EVERY end id (the
+tokenizer's EOS, the chat template's end-of-turn token, the model's generation-config
+EOS ids), on both paths; the end token is never part of the output. Sampling or a repetition penalty go through ``model.generate`` with the same
 batching (same outputs contract, no row dropping).
 """
 from __future__ import annotations
@@ -33,10 +33,12 @@ class DecodingOptions:
     repetition_penalty: float = 1.0
     seed: int = 0
 
-    def generate_kwargs(self, tokenizer) -> dict:
+    def generate_kwargs(self, tokenizer, end_ids: set[int] | None = None) -> dict:
+        """``model.generate`` arguments; ``end_ids`` (default: the tokenizer's EOS) all stop a row."""
+        stop = sorted(end_ids) if end_ids else tokenizer.eos_token_id
         kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
               "repetition_penalty": self.repetition_penalty, "pad_token_id": tokenizer.pad_token_id,
-              "eos_token_id": tokenizer.eos_token_id, "use_cache": True}
+              "eos_token_id": stop, "use_cache": True}
         if self.do_sample:
             kw.update(temperature=self.temperature, top_p=self.top_p)
         else:  # silence "temperature is set but do_sample=False" from the model's own generation config
@@ -92,21 +94,29 @@ def _greedy_batch(model, batch: list[list[int]], max_new_tokens: int, eos: set[i
     return result
 
 
-def _hf_generate_batch(model, tokenizer, batch: list[list[int]], options: DecodingOptions, device) -> list[list[int]]:
+def _hf_generate_batch(model, tokenizer, batch: list[list[int]], options: DecodingOptions, eos: set[int],
+                       device) -> list[list[int]]:
     ids, att = _left_pad(batch, tokenizer.pad_token_id)
     out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device),
-                         **options.generate_kwargs(tokenizer))
-    eos = tokenizer.eos_token_id
-    res = []
-    for row in out[:, ids.shape[1]:].tolist():
-        res.append(row[: row.index(eos)] if eos in row else row)
-    return res
+                         **options.generate_kwargs(tokenizer, eos))
+    return [_until_end(row, eos) for row in out[:, ids.shape[1]:].tolist()]
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+def _until_end(row: list[int], eos: set[int]) -> list[int]:
+    """The ids before the first end id (``generate`` pads finished rows after it)."""
+    for i, t in enumerate(row):
+        if t in eos:
+            return row[:i]
+    return row
+
+
+def end_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a generation: EOS, the chat template's end of turn, and the model's
+    generation-config EOS ids (e.g. <|endoftext|> beside <|im_end|>)."""
+    from .encoding import end_of_turn_id
+
+    eos = {t for t in (tokenizer.eos_token_id, end_of_turn_id(tokenizer)) if t is not None}
     gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    # the model's generation config may list more end tokens (e.g. <|endoftext|> beside <|im_end|>)
     eos |= set(gen) if isinstance(gen, list) else ({gen} if gen is not None else set())
     return eos
 
@@ -127,7 +137,7 @@ def generate_from_ids(model, tokenizer, prompts: list[list[int]], options: Decod
     gen: list[list[int] | None] = [None] * len(prompts)
     if options.do_sample:
         torch.manual_seed(options.seed)
-    eos = _eos_ids(model, tokenizer)
+    eos = end_ids(model, tokenizer)
     try:
         for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress, leave=False):
             idx = order[start:start + batch_size]
@@ -135,7 +145,7 @@ def generate_from_ids(model, tokenizer, prompts: list[list[int]], options: Decod
             if options.plain_greedy:
                 res = _greedy_batch(model, batch, options.max_new_tokens, eos, tokenizer.pad_token_id, device)
             else:
-                res = _hf_generate_batch(model, tokenizer, batch, options, device)
+                res = _hf_generate_batch(model, tokenizer, batch, options, eos, device)
             for i, r in zip(idx, res):
                 gen[i] = r
     finally:

@@ -33,6 +33,7 @@ import numpy as np
 
 from .config import field
 from .errors import DataError, UserError
+from .models import model_option
 from .synthetic import KINDS, norm_word
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class IdentifyConfig:
     dev_limit: int | None = field(None, help="Use only the first N dev records (default: --limit).")
     bootstrap: int = field(200, help="Bootstrap resamples of test records for 95 percent intervals (0: none).")
     output_dir: str = field("runs/identify", help="Where identify.json and identify.md go.")
+    dtype: str = model_option("dtype")
+    trust_remote_code: bool = model_option("trust_remote_code")
 
     def __post_init__(self):
         from .prompts import TASKS
@@ -404,7 +407,7 @@ def run(cfg: IdentifyConfig) -> dict:
 
     t0 = time.perf_counter()
     dev, test = load_data(cfg)
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     device = default_device()
     model.to(device).eval()
     builder = PromptBuilder(tok, get_task(cfg.task), k=cfg.k, retriever=cfg.retriever,

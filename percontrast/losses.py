@@ -58,9 +58,11 @@ def perce_loss(logp, mask, pir, clip_min=0.8, clip_max=5.0, normalize: Normalize
 
 
 def lossce_loss(logp, mask, clip_min=0.8, clip_max=5.0, normalize: Normalize = "tokens",
-                num_items=None, **_):
-    """LossCE: weight from the current model's own detached token loss (-logp)."""
-    return weighted_nll(logp, clip_weights(-logp, clip_min, clip_max), mask, normalize, num_items)
+                num_items=None, token_loss=None, **_):
+    """LossCE: weight from the current model's own detached token loss (``token_loss``, default
+    -logp; the trainer passes a dropout-free one when the training forward had dropout)."""
+    signal = -logp if token_loss is None else token_loss
+    return weighted_nll(logp, clip_weights(signal, clip_min, clip_max), mask, normalize, num_items)
 
 
 def entce_loss(logp, mask, entropy, clip_min=0.8, clip_max=5.0, normalize: Normalize = "tokens",

@@ -23,6 +23,19 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
                  "pytorch_model.bin.index.json", "adapter_model.safetensors")
 
 
+def model_option(name: str):
+    """The config field ``name`` (``dtype``, ``trust_remote_code``) exactly as ``options.ModelDataOptions``
+    declares it (default, help, choices), for commands that load a model but are not ModelDataOptions
+    (they take no --data): one declaration, so every loading command offers and documents the same flag."""
+    import dataclasses
+
+    from .config import field
+    from .options import ModelDataOptions
+
+    f = {f.name: f for f in dataclasses.fields(ModelDataOptions)}[name]
+    return field(f.default, **f.metadata)  # metadata holds exactly field()'s keywords (help, choices, ...)
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("PERCONTRAST_CACHE", Path.home() / ".cache" / "percontrast"))
 
@@ -132,17 +145,18 @@ def load_model(name: str, *, dtype: str = "auto", trust_remote_code: bool = Fals
 
     _quiet_transformers()
     torch_dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}.get(dtype)
+                   "float16": torch.float16, "float64": torch.float64}.get(dtype)
     if torch_dtype is None:
-        raise UserError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+        raise UserError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16, float16 or float64")
     if name == "tiny-random":
         model, tok = tiny_random()
+        model.to(torch_dtype)   # built in float32; honour --dtype like every other model
     else:
         path = ensure_smollm2() if name == "smollm2-135m" else Path(name)
         if path.exists():
             _check_local_dir(path)
             if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
-                model, tok = _load_adapter(path, torch_dtype, trust_remote_code)
+                model, tok = _load_adapter(path, dtype, trust_remote_code)
                 return _finish(model, tok, device)
         # A hub id: use the local HF cache only when the hub cannot be reached (fails in seconds).
         local_only = not path.exists() and _hub_unreachable()
@@ -182,16 +196,28 @@ def _in_hf_cache(repo_id: str) -> bool:
         return False
 
 
-def _load_adapter(path: Path, dtype, trust_remote_code):
-    """A LoRA output directory: load its base model, then the adapter on top."""
+def _load_adapter(path: Path, dtype: str, trust_remote_code: bool):
+    """A LoRA output directory: load its base model (with the caller's dtype and trust_remote_code,
+    like any other model), then the adapter on top."""
     import json
 
     from peft import PeftModel
-    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{path}/adapter_config.json: field 'base_model_name_or_path' is missing")
-    model, tok = load_model(base, trust_remote_code=trust_remote_code)
-    model = PeftModel.from_pretrained(model, str(path))
+    cfg_file = path / "adapter_config.json"
+    try:
+        acfg = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{cfg_file}: not valid JSON ({e}); the adapter folder is damaged") from None
+    base = acfg.get("base_model_name_or_path") if isinstance(acfg, dict) else None
+    if not isinstance(base, str) or not base.strip():
+        raise UserError(f"{cfg_file}: field 'base_model_name_or_path' is missing (expected the base model's "
+                        f"name or folder)")
+    model, tok = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        model = PeftModel.from_pretrained(model, str(path))
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError, _SafetensorError) as e:
+        # Damaged adapter weights, or an adapter made for another base model (shape mismatch).
+        first = " ".join(str(e).split())[:300] or type(e).__name__
+        raise UserError(f"could not load the LoRA adapter in {path} on its base {base!r}: {first}") from None
     return model, tok
 
 

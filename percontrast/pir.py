@@ -2,8 +2,9 @@
 
     PIR_i = log p(y_i | profile, x, y_<i) - log p(y_i | x, y_<i)        (nats)
 
-Both terms come from the same model on two prompts that differ only in the profile
-block; the response ids are identical in both. Positive PIR: the profile made the
+Both terms come from the same model on two prompts: the personalized one, and the
+counterfactual without the profile items (by default without the task instruction that
+refers to them too; see ``prompts.py``). The response ids are identical in both. Positive PIR: the profile made the
 token more likely (a personal token). This module holds the pure tensor functions;
 ``scoring.py`` runs a model to get the two log-prob tensors.
 """
@@ -23,14 +24,20 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] per position, shape ``targets.shape``.
 
     Computed as ``logit[target] - logsumexp(logits)`` so that no second
-    vocabulary-sized tensor (a full log-softmax) is materialized. Runs in fp32.
+    vocabulary-sized tensor (a full log-softmax) is materialized. Runs in fp32 at least
+    (fp64 logits stay fp64, for exact checks).
     """
-    logits = logits.float()
+    logits = upcast(logits)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Predictive entropy (nats) of the next-token distribution at each position."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(upcast(logits), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 -> fp32 (softmax sums in half precision lose digits); fp32 / fp64 unchanged."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()

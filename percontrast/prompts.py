@@ -1,7 +1,14 @@
 """Prompt templates: the with-profile prompt and its counterfactual (profile removed).
 
-Both prompts come from one template, so the only difference between them is the
-profile block: ``counterfactual_prompt`` is ``personalized_prompt`` with no items.
+Both prompts come from one template. What the counterfactual removes, exactly:
+
+* ``input-only`` (the default): the profile block AND the task's instruction sentence that
+  joins it to the input (``Task.suffix``, e.g. "Use the above abstracts as context ...");
+  the prompt is the task input alone, as if the user had no history.
+* ``keep-instruction``: only the profile items; the instruction sentence stays, so the two
+  prompts differ in the items alone (the instruction then refers to an absent context).
+
+For ``email`` and LaMP's ``news_headline`` the suffix is only punctuation, so both are the same.
 The LongLaMP templates follow the benchmark's own prompt code (items joined with
 ", and "); see docs in ``shared/docs/benchmarks.md``.
 """
@@ -134,9 +141,20 @@ def personalized_prompt(task: Task, items: list[Item], user_input: str,
     return f"{block}{task.suffix}{x}"
 
 
-def counterfactual_prompt(task: Task, user_input: str, max_input_words: int | None = None) -> str:
-    """The causal intervention: the same prompt with the profile block removed (input unchanged)."""
-    return personalized_prompt(task, [], user_input, max_input_words=max_input_words)
+COUNTERFACTUAL_PROMPTS = ("input-only", "keep-instruction")
+
+
+def instruction(task: Task) -> str:
+    """The task's instruction sentence without the punctuation that joins it to the profile block."""
+    return task.suffix.lstrip(" .,;\n")
+
+
+def counterfactual_prompt(task: Task, user_input: str, max_input_words: int | None = None,
+                          keep_instruction: bool = False) -> str:
+    """The causal intervention: the input (cut like the with-profile prompt's) without the profile
+    block; with ``keep_instruction`` the task's instruction sentence is kept in front of it."""
+    x = truncate_words(user_input, max_input_words)
+    return f"{instruction(task)}{x}" if keep_instruction else x
 
 
 _WS = re.compile(r"\s+")

@@ -24,8 +24,10 @@ class ScoreConfig(ModelDataOptions):
     batch_size: int = field(4, help="Examples per forward pass.")
     clip_min: float = field(0.8, help="m, to report the PerCE weight clip(PIR, m, M) of each token.")
     clip_max: float = field(5.0, help="M, to report the PerCE weight clip(PIR, m, M) of each token.")
-    counterfactual: str = field("remove", help="The intervention: remove the profile (the paper) or swap in "
-                                "another user's profile.", choices=("remove", "swap"))
+    counterfactual: str = field("remove", help="The intervention: remove the profile (the paper; see "
+                                "--counterfactual-prompt for exactly what goes) or swap in another user's "
+                                "profile (PIR = log p(y | own profile) - log p(y | another user's)).",
+                                choices=("remove", "swap"))
     html: bool = field(True, help="Also write heatmap.html.")
     overwrite: bool = field(False, help="Replace existing scores.json / heatmap.html.")
 
@@ -68,7 +70,8 @@ def score_records(model, tokenizer, records: list[dict], builder, *, batch_size:
     results = []
     for start in tqdm(range(0, len(records), batch_size), desc="scoring", disable=not progress, leave=False):
         chunk = records[start:start + batch_size]
-        enc = [builder.encode(r, profile=None if profiles is None else profiles[start + i])
+        # swap: the counterfactual prompt holds another user's profile instead of none
+        enc = [builder.encode(r, counterfactual_profile=None if profiles is None else profiles[start + i])
                for i, r in enumerate(chunk)]
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(enc).items()}
         s = score_batch(model, batch)
@@ -81,13 +84,13 @@ def score_records(model, tokenizer, records: list[dict], builder, *, batch_size:
                 "tokens": [tokenizer.decode([t]) for t in e["response"]], "token_ids": e["response"],
                 "pir": pir[b, :n].tolist(), "logp_with": s.logp_with[b, :n].tolist(),
                 "logp_without": s.logp_without[b, :n].tolist(), "entropy": s.entropy[b, :n].tolist(),
-                "weights": w[b, :n].tolist(), "n_profile_items": e["n_profile_items"]})
+                "weights": w[b, :n].tolist(), "n_profile_items": e["n_profile_items"],
+                "profile_removed": e["profile_removed"]})
     return results
 
 
 def run(cfg: ScoreConfig) -> dict:
     from .data import load_records, write_text_atomic
-    from .encoding import PromptBuilder
     from .heatmap import render
     from .models import default_device, load_model
     from .prompts import get_task
@@ -101,7 +104,7 @@ def run(cfg: ScoreConfig) -> dict:
     records = load_records(cfg.data, task, limit=cfg.limit)
     model, tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                             device=default_device())
-    builder = PromptBuilder(tok, task, k=cfg.k, retriever=cfg.retriever, max_length=cfg.max_length, seed=cfg.seed)
+    builder = cfg.prompt_builder(tok)
     profiles = swapped_profiles(records, cfg.seed) if cfg.counterfactual == "swap" else None
     results = score_records(model, tok, records, builder, batch_size=cfg.batch_size, clip_min=cfg.clip_min,
                             clip_max=cfg.clip_max, profiles=profiles)
@@ -109,7 +112,9 @@ def run(cfg: ScoreConfig) -> dict:
     summary = {"examples": len(results), "tokens": len(all_pir),
                "mean_pir": sum(all_pir) / len(all_pir),
                "share_pir_above_min": sum(v > cfg.clip_min for v in all_pir) / len(all_pir),
-               "counterfactual": cfg.counterfactual, "response_cut": builder.stats.response_cut}
+               "counterfactual": cfg.counterfactual, "counterfactual_prompt": cfg.counterfactual_prompt,
+               **builder.stats.counts()}
+    builder.stats.warn()
     payload = {"summary": summary, "run": run_info(cfg), "examples": results}
     write_text_atomic(out / "scores.json", json.dumps(payload, ensure_ascii=False))
     if cfg.html:

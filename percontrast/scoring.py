@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .pir import pir as pir_fn
-from .pir import token_entropy, token_logprobs
+from .pir import token_entropy, token_logprobs, upcast
 
 
 def response_logits(model, input_ids, attention_mask, position_ids, resp_start, n_resp: int) -> torch.Tensor:
@@ -73,7 +73,7 @@ def naive_response_logp(model, input_ids, attention_mask, position_ids, resp_sta
     """(log-probs [B, R], logits [B, R, V]) the textbook way: logits at all L positions,
     a full log-softmax over them, then the response window. Same numbers as the fast path."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    logp_all = torch.log_softmax(out.logits.float(), dim=-1)            # [B, L, V]
+    logp_all = torch.log_softmax(upcast(out.logits), dim=-1)             # [B, L, V]
     start, R = int(resp_start) - 1, targets.shape[1]
     logp = logp_all[:, start:start + R].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return logp, out.logits[:, start:start + R]

@@ -1,5 +1,5 @@
-"""Confidence intervals for evaluation results: t-intervals over seeds, paired bootstrap
-over test examples.
+"""Confidence intervals for evaluation results: t-intervals over seeds, a paired bootstrap
+over test examples, and a two-level bootstrap over seeds and test examples.
 
 No scipy in the dependency set, so the Student-t quantile is computed here: the CDF via
 the regularized incomplete beta function (continued fraction, Lentz's method), inverted
@@ -119,8 +119,9 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, n_resamples: int
 
     Resamples example indices with replacement (``numpy.random.default_rng(seed)``), the
     same indices for both systems, so the pairing is kept. Returns the observed mean
-    difference, the interval, and ``p_le_0``: the share of resampled differences <= 0
-    (a one-sided bootstrap p-value for "a beats b").
+    difference, the interval, and ``share_boot_le_0``: the share of resampled mean
+    differences <= 0. That share is a description of the bootstrap distribution, not a
+    p-value (no null hypothesis was resampled).
     """
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.shape != y.shape or x.ndim != 1 or x.size == 0:
@@ -129,10 +130,50 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, n_resamples: int
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, d.size, size=(n_resamples, d.size))
     means = d[idx].mean(axis=1)
+    return {"diff": float(d.mean()), **_percentiles(means, confidence), "n": int(d.size),
+            "resamples": n_resamples, "seed": seed}
+
+
+def two_level_bootstrap(diffs: Sequence[Sequence[float]], *, n_resamples: int = 10_000,
+                        confidence: float = 0.95, seed: int = 0) -> dict:
+    """Percentile bootstrap interval of the mean paired difference over seeds AND examples.
+
+    ``diffs[s][i]`` is method minus reference on test example i, both trained with seed s
+    (shape [seeds, examples]). Each replicate draws the examples with replacement, then the
+    seeds with replacement, and averages ``diffs`` over the drawn seeds x drawn examples.
+    The test examples are the same for every seed (crossed, not nested), so one example
+    draw per replicate serves all drawn seeds; drawing examples anew per seed would
+    divide the example variance by the number of seeds.
+
+    The example draw comes first from ``default_rng(seed)``, as in ``paired_bootstrap``: with
+    one seed the result is exactly ``paired_bootstrap`` of that seed's scores (the seed
+    level is degenerate, ``seed_level`` False). With few seeds the seed level is coarse (3
+    seeds give 10 distinct seed multisets) and, like any bootstrap, it understates the
+    seed variance by a factor (S - 1) / S.
+    """
+    d = np.asarray(diffs, dtype=float)
+    if d.ndim != 2 or d.size == 0:
+        raise UserError(f"two_level_bootstrap: need a non-empty [seeds, examples] table, got shape {d.shape}")
+    n_seeds, n_ex = d.shape
+    rng = np.random.default_rng(seed)
+    ex = rng.integers(0, n_ex, size=(n_resamples, n_ex))          # [R, I]
+    sd = rng.integers(0, n_seeds, size=(n_resamples, n_seeds))    # [R, S]
+    per_seed = np.stack([row[ex].mean(axis=1) for row in d], axis=1)  # [R, S]: each seed on the drawn examples
+    means = np.take_along_axis(per_seed, sd, axis=1).mean(axis=1)     # [R]
+    return {"diff": float(d.mean()), **_percentiles(means, confidence), "n": int(n_ex), "n_seeds": int(n_seeds),
+            "seed_level": n_seeds > 1, "resamples": n_resamples, "seed": seed}
+
+
+def _percentiles(means: np.ndarray, confidence: float) -> dict:
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(means, [alpha, 1 - alpha])
-    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi),
-            "p_le_0": float((means <= 0).mean()), "n": int(d.size), "resamples": n_resamples, "seed": seed}
+    return {"lo": float(lo), "hi": float(hi), "share_boot_le_0": float((means <= 0).mean())}
+
+
+def share_boot_le_0(result: dict) -> float | None:
+    """The share of bootstrap replicates with a difference <= 0; reads results written
+    before the rename, where the same number was called ``p_le_0``."""
+    return result.get("share_boot_le_0", result.get("p_le_0"))
 
 
 def relative_gain(new: float, base: float) -> float | None:

@@ -48,6 +48,8 @@ class TrainConfig(ModelDataOptions):
     max_steps: int = field(-1, help="Stop after N optimizer steps (overrides epochs when > 0).")
     batch_size: int = field(4, help="Examples per device per micro-batch.")
     grad_accum: int = field(1, help="Gradient accumulation steps (global batch = batch_size x grad_accum x processes).")
+    optim: str = field("adamw_torch", help="Optimizer, by its transformers name (adamw_torch, sgd, adafactor, "
+                       "...); plain sgd makes the update linear in the gradient (used by the parity tests).")
     weight_decay: float = field(0.0, help="AdamW weight decay.")
     warmup: float = field(0.0, help="Warm-up: a fraction of training if < 1, else a number of steps.")
     lr_scheduler: str = field("linear", help="transformers scheduler name (linear, cosine, constant, ...).")
@@ -74,6 +76,10 @@ class TrainConfig(ModelDataOptions):
             raise UserError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise UserError("set epochs > 0 or max_steps > 0")
+        from transformers.training_args import OptimizerNames
+        known = [o.value for o in OptimizerNames]
+        if self.optim not in known:
+            raise UserError(f"optim: unknown optimizer {self.optim!r}; transformers knows: {', '.join(known)}")
 
 
 class ListDataset:
@@ -142,12 +148,10 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, records: list[dict], *, ca
     import torch
     from transformers import TrainingArguments
 
-    from .encoding import PairedCollator, PromptBuilder, encode_all
-    from .prompts import get_task
+    from .encoding import PairedCollator, encode_all
     from .trainer import PerCEArgs, PerCETrainer
 
-    builder = PromptBuilder(tokenizer, get_task(cfg.task), k=cfg.k, retriever=cfg.retriever,
-                            max_length=cfg.max_length, seed=cfg.seed)
+    builder = cfg.prompt_builder(tokenizer)
     rows = encode_all(builder, records, desc="encoding train")
     if cfg.lora:
         model = apply_lora(model, cfg)
@@ -162,7 +166,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, records: list[dict], *, ca
         seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, use_cpu=use_cpu,
         activation_checkpointing=cfg.gradient_checkpointing, remove_unused_columns=False,
         report_to="none", disable_tqdm=not cfg.progress, dataloader_num_workers=0,
-        optim="adamw_torch", logging_first_step=True)
+        optim=cfg.optim, logging_first_step=True)
     perce = PerCEArgs(method=cfg.method, clip_min=cfg.clip_min, clip_max=cfg.clip_max, normalize=cfg.normalize,
                       refresh=cfg.refresh, refresh_every=cfg.refresh_every if cfg.refresh == "every_k" else 1,
                       on_nonfinite=cfg.on_nonfinite)
@@ -198,15 +202,20 @@ def run(cfg: TrainConfig) -> dict:
     if main_proc:
         write_text_atomic(out / "train_config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    from pickle import UnpicklingError
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except UnpicklingError as e:   # a checkpoint file that is not plain tensors: refused, never run
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--resume: {resume_from} holds a file that is not plain tensors and was refused "
+                        f"without running it (tampered with?): {first[:200]}") from None
     wall = time.perf_counter() - t0
     _save_final(trainer, out, main_proc)  # final weights (or LoRA adapter) + tokenizer
     logs = [h for h in trainer.state.log_history if "loss" in h]
     summary = {
         "method": cfg.method, "refresh": cfg.refresh if cfg.method == "perce" else None,
         "steps": trainer.state.global_step, "train_loss": result.training_loss, "wall_s": round(wall, 2),
-        "examples": len(records), "response_cut": builder.stats.response_cut,
-        "profile_cut": builder.stats.profile_cut, "skipped_nonfinite": trainer.skipped_nonfinite,
+        "examples": len(records), **builder.stats.counts(), "skipped_nonfinite": trainer.skipped_nonfinite,
         "resumed_from": resume_from, "log": logs, "run": run_info(cfg),
     }
     if main_proc:

@@ -13,12 +13,26 @@ re-estimates PIR on optimizer steps divisible by ``refresh_every``; on the other
 example reuses the PIR cached at its last visit (an example never seen is computed). So
 the first epoch costs what the paper's bootstrap costs and later epochs about 1/k of the
 E-steps. ``refresh="once"`` computes each example's PIR once, with the model as it is when
-the example is first seen, and never again.
+the example is first seen, and never again. Under several processes the ranks agree on
+whether a micro-batch runs the E-step (one all-reduce: FSDP and ZeRO-3 need every rank to
+run the same forwards) and share what they computed, so every rank's cache, and the one
+rank 0 checkpoints, holds every example: N processes behave like one.
+
+Weights never see dropout: the E-step runs in eval mode, and when the model has dropout
+(``lora_dropout``, ``attention_dropout``, ...) the with-profile log-probs behind PIR (and the
+LossCE / EntCE signals) come from an extra no-grad eval-mode forward instead of the training
+forward, so the weights are the ones ``percontrast score`` reports for the same model.
+
+``--on-nonfinite skip``: a skipped micro-batch adds no gradient, but the Trainer counted its
+response tokens in ``num_items_in_batch`` before any forward ran, so the step's update is the
+one in which the skipped tokens had weight 0 (the kept micro-batches' gradient divided by the
+step's full token count). ``tests/test_trainer.py`` checks this against a hand computation.
 """
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +77,31 @@ class NonFiniteLossError(UserError):
     pass
 
 
+def has_dropout(model) -> bool:
+    """True when a forward in train mode is random: a dropout module with p > 0, or a config
+    dropout rate > 0 (attention dropout is often applied functionally, with no module)."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and hasattr(c, "to_dict")}
+    for c in configs.values():
+        for k, v in c.to_dict().items():
+            if ("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+                return True
+    return False
+
+
+@contextmanager
+def eval_mode(model):
+    """Dropout off for a no-grad signal pass, then back to the mode the model was in."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
 class PerCETrainer(AtomicCheckpointMixin, Trainer):
     """Trainer for paired (with-profile / profile-free) batches from ``PairedCollator``.
     Checkpoints are written atomically (``checkpointing.py``) and carry the PIR cache."""
@@ -83,20 +122,49 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.skipped_nonfinite = 0
         self.counterfactual_passes = 0   # E-step forwards run (refresh=every_k/once cache them)
+        # A weighted loss whose weights would see dropout recomputes them in eval mode (see top).
+        self.signal_needs_eval_pass = self.perce.method != "ce" and has_dropout(self.model)
         if self.perce.method == "perce":
             logger.info("PerCE weights: %s", refresh_label(self.perce))
 
     # -- E-step ---------------------------------------------------------------------
     def _cf_logp(self, model, inputs) -> torch.Tensor:
         self.counterfactual_passes += 1
-        return (counterfactual_logp if self.perce.fast else naive_counterfactual_logp)(model, inputs)
+        with eval_mode(model):
+            return (counterfactual_logp if self.perce.fast else naive_counterfactual_logp)(model, inputs)
+
+    def _signal_logits(self, model, inputs, logp: torch.Tensor, logits: torch.Tensor):
+        """(log-probs [B, R], logits [B, R, V]) with the profile, detached, as the weights must see
+        them: from the training forward, or from a no-grad eval-mode forward when it had dropout."""
+        if not self.signal_needs_eval_pass:
+            return logp.detach(), logits.detach()
+        with torch.no_grad(), eval_mode(model):
+            if self.perce.fast:
+                lg = with_profile_logits(model, inputs)
+                return token_logprobs(lg, inputs["response_ids"]), lg
+            return naive_with_profile_logp(model, inputs)
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.args.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    def _share(self, entries: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Every rank's new cache entries, on every rank (examples are spread over ranks)."""
+        if self.accelerator.num_processes == 1:
+            return entries
+        import torch.distributed as dist
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, entries)
+        return {i: v for part in gathered for i, v in part.items()}
 
     def _pir(self, model, inputs, logp_with: torch.Tensor) -> torch.Tensor:
-        """PIR [B, R] for this batch, fresh or from the per-example cache."""
+        """PIR [B, R] for this batch, fresh or from the per-example cache (``logp_with`` detached)."""
         p = self.perce
         if p.refresh == "step":
             self._metrics["pir_refreshed"].append(1.0)
-            return logp_with.detach() - self._cf_logp(model, inputs)
+            return logp_with - self._cf_logp(model, inputs)
         step = self.state.global_step
         # every_k: optimizer steps divisible by k re-estimate their whole batch; other steps reuse
         # each example's cached PIR (from its last visit) and compute only examples never seen.
@@ -104,11 +172,11 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         idx = inputs["idx"].tolist()
         lengths = inputs["response_mask"].sum(-1).tolist()
         stale = [refresh_all or i not in self._pir_cache for i in idx]
-        if any(stale):
-            fresh = logp_with.detach() - self._cf_logp(model, inputs)
-            for b, i in enumerate(idx):
-                if stale[b]:
-                    self._pir_cache[i] = fresh[b, : lengths[b]].cpu()
+        # All ranks run the E-step if any needs it (a forward only some ranks run hangs FSDP / ZeRO-3).
+        if self._any_rank(any(stale)):
+            fresh = logp_with - self._cf_logp(model, inputs)
+            new = {i: fresh[b, : lengths[b]].cpu() for b, i in enumerate(idx) if stale[b]}
+            self._pir_cache.update(self._share(new))
             self._metrics["pir_refreshed"].append(sum(stale) / len(idx))
         else:
             self._metrics["pir_refreshed"].append(0.0)
@@ -127,10 +195,14 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         else:
             logp, logits = naive_with_profile_logp(model, inputs)
         extra = {}
-        if p.method == "perce":
-            extra["pir"] = self._pir(model, inputs, logp)
-        elif p.method == "entce":
-            extra["entropy"] = token_entropy(logits.detach())
+        if p.method != "ce":
+            sig_logp, sig_logits = self._signal_logits(model, inputs, logp, logits)
+            if p.method == "perce":
+                extra["pir"] = self._pir(model, inputs, sig_logp)
+            elif p.method == "entce":
+                extra["entropy"] = token_entropy(sig_logits)
+            elif p.method == "lossce":
+                extra["token_loss"] = -sig_logp
         loss = LOSSES[p.method](logp, mask, clip_min=p.clip_min, clip_max=p.clip_max, normalize=p.normalize,
                                 num_items=num_items_in_batch, **extra)
         self._check_finite(loss, inputs, extra)
@@ -173,7 +245,8 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         m = mask.bool()
         if not m.any():
             return
-        signal = {"perce": extra.get("pir"), "lossce": -logp, "entce": extra.get("entropy")}.get(p.method)
+        signal = {"perce": extra.get("pir"), "lossce": extra.get("token_loss"),
+                  "entce": extra.get("entropy")}.get(p.method)
         if signal is None:
             self._metrics["mean_weight"].append(1.0)
             return

@@ -64,6 +64,22 @@ def test_longlamp_local_layouts(tmp_path, fmt):
     assert bm.load(f"longlamp:product_review_user:test@{tmp_path}") == recs
 
 
+def test_longlamp_jsonl_keeps_records_with_unicode_line_separators(tmp_path):
+    """U+2028 and U+0085 are valid raw inside JSON strings (json.dumps(ensure_ascii=False) writes them
+    so); str.splitlines() would cut such a record in two. The LongLaMP reader is data.py's JSONL reader."""
+    rows = review_rows(2)
+    rows[0]["output"] = "First line\u2028second line\u0085third line."
+    rows[1]["profile"][0]["reviewText"] = "Bright\u2028lamp\u0085indeed."
+    p = tmp_path / "product_review_user" / "test.jsonl"
+    p.parent.mkdir()
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert "\u2028" in p.read_text(encoding="utf-8")  # raw, not escaped: the case that broke
+    recs = bm.load_longlamp("product_review_user", "test", source=tmp_path)
+    assert len(recs) == 2
+    assert recs[0]["output"] == "First line\u2028second line\u0085third line."
+    assert recs[1]["profile"][0]["reviewText"] == "Bright\u2028lamp\u0085indeed."
+
+
 def test_longlamp_abstract_and_topic_fields(tmp_path, monkeypatch):
     write_layout(tmp_path, "abstract_generation_temporal", "val", abstract_rows(), "jsonl")
     monkeypatch.setenv(bm.ENV_DIR, str(tmp_path))

@@ -30,15 +30,87 @@ def test_score_writes_json_and_escaped_heatmap(tmp_path, data, capsys):
     payload = json.loads((tmp_path / "s" / "scores.json").read_text())
     ex = payload["examples"][0]
     assert len(ex["tokens"]) == len(ex["pir"]) == len(ex["weights"])
+    # PIR is a float32 subtraction of the two float32 log-probs (stored as exact Python floats): IEEE
+    # rounding makes it round32(a - b), within half an ulp, i.e. |a - b| * 2**-24
     for v, a, b in zip(ex["pir"], ex["logp_with"], ex["logp_without"]):
-        assert abs(v - (a - b)) < 1e-5
+        assert abs(v - (a - b)) <= abs(a - b) * 2.0 ** -24
     assert "<span" in (tmp_path / "s" / "heatmap.html").read_text()
 
 
-def test_score_swap_counterfactual(tmp_path, data, capsys):
-    rc, _, err = _run(capsys, "score", "--model", "tiny-random", "--data", data, "--task", "email",
-                      "--counterfactual", "swap", "--output-dir", tmp_path / "s", "--no-html")
+# Three users whose profile texts are unique, so a decoded prompt tells whose profile it holds.
+SWAP_USERS = {"u1": "I cycle along the river every morning", "u2": "the chess club meets on thursdays",
+              "u3": "violin lessons by the old harbour"}
+SWAP_RECORDS = [{"id": f"r{i}", "user_id": u, "input": f"Write about the weekend plans number {i}",
+                 "output": f"Cycling and chess and violin, note {i}. Cheers",
+                 "profile": [{"title": "Hobby", "text": text}]}
+                for i, (u, text) in enumerate(list(SWAP_USERS.items()) * 2)]
+
+
+def _score_capturing_prompts(capsys, monkeypatch, data, out, counterfactual):
+    """Run ``score`` and record every batch that reaches the model: (scores.json, [(with-profile prompt,
+    counterfactual prompt) decoded, one per record in order])."""
+    import torch
+
+    import percontrast.scoring as scoring
+    from percontrast.models import load_model
+    batches, orig = [], scoring.score_batch
+
+    def spy(model, batch):
+        batches.append({k: v.detach().cpu().clone() for k, v in batch.items() if torch.is_tensor(v)})
+        return orig(model, batch)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(scoring, "score_batch", spy)
+        rc, _, err = _run(capsys, "score", "--model", "tiny-random", "--data", data, "--task", "email",
+                          "--counterfactual", counterfactual, "--batch-size", "4", "--output-dir", out, "--no-html")
     assert rc == 0, err
+    assert batches, "score never reached scoring.score_batch"
+    tok = load_model("tiny-random")[1]
+    prompts = []
+    for b in batches:
+        P, Q = int(b["resp_start"]), int(b["cf_resp_start"])
+        for i in range(b["input_ids"].shape[0]):
+            w = b["input_ids"][i, :P][b["attention_mask"][i, :P].bool()].tolist()
+            c = b["cf_input_ids"][i, :Q][b["cf_attention_mask"][i, :Q].bool()].tolist()
+            prompts.append((tok.decode(w), tok.decode(c)))
+    return json.loads((out / "scores.json").read_text()), prompts
+
+
+def _owners(prompt: str) -> set:
+    return {u for u, text in SWAP_USERS.items() if text in prompt}
+
+
+def test_score_swap_counterfactual(tmp_path, capsys, monkeypatch):
+    """swap: PIR = log p(y | own profile) - log p(y | ANOTHER user's profile). The counterfactual prompt that
+    reaches the model holds exactly one other user's profile text (not the record's own, not none), the
+    with-profile prompt is the same as under remove, and so the PIR differs from remove's."""
+    data = tmp_path / "swap.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in SWAP_RECORDS), encoding="utf-8")
+    rem, rem_prompts = _score_capturing_prompts(capsys, monkeypatch, data, tmp_path / "remove", "remove")
+    swp, swp_prompts = _score_capturing_prompts(capsys, monkeypatch, data, tmp_path / "swap", "swap")
+    assert swp["summary"]["counterfactual"] == "swap" and rem["summary"]["counterfactual"] == "remove"
+    assert len(rem_prompts) == len(swp_prompts) == len(SWAP_RECORDS)
+    assert [e["id"] for e in swp["examples"]] == [e["id"] for e in rem["examples"]] == [r["id"] for r in SWAP_RECORDS]
+    for r, (rw, rc), (sw, sc), re_, se in zip(SWAP_RECORDS, rem_prompts, swp_prompts, rem["examples"],
+                                              swp["examples"]):
+        own = r["user_id"]
+        # remove: own profile in the with-prompt, no profile at all in the counterfactual
+        assert _owners(rw) == {own} and _owners(rc) == set(), (rw, rc)
+        # swap: the with-prompt is untouched; the counterfactual holds one OTHER user's profile
+        assert sw == rw
+        others = _owners(sc)
+        assert len(others) == 1 and own not in others, (own, sc)
+        assert r["input"] in sc
+        # scores. The with-profile pass is the same computation on the same ids and shapes in both runs
+        # (same records, same batches, same with-prompts), so its log-probs are bit-identical; the
+        # counterfactual pass runs on different ids, so PIR must change (if swap were ignored, both runs
+        # would compute bit-identical PIR and this inequality would fail).
+        assert se["token_ids"] == re_["token_ids"]
+        assert se["logp_with"] == re_["logp_with"]
+        assert se["logp_without"] != re_["logp_without"] and se["pir"] != re_["pir"]
+        # float32 PIR = round32(logp_with - logp_without), exact to half an ulp (IEEE subtraction)
+        for v, a, b in zip(se["pir"], se["logp_with"], se["logp_without"]):
+            assert abs(v - (a - b)) <= abs(a - b) * 2.0 ** -24
 
 
 def test_train_then_generate_from_checkpoint(tmp_path, data, capsys):

@@ -9,7 +9,8 @@ import pytest
 
 from percontrast import compare as C
 from percontrast.errors import UserError
-from percontrast.stats import paired_bootstrap, relative_gain, t_interval, t_ppf
+from percontrast.stats import (paired_bootstrap, relative_gain, share_boot_le_0, t_interval, t_ppf,
+                               two_level_bootstrap)
 
 # ---------------------------------------------------------------- stats
 
@@ -35,11 +36,11 @@ def test_paired_bootstrap_hand_computed():
     # constant difference: every resample has the same mean
     b = paired_bootstrap([0.5, 0.7, 0.9], [0.4, 0.6, 0.8], n_resamples=500, seed=3)
     assert b["diff"] == pytest.approx(0.1) and b["lo"] == pytest.approx(0.1) and b["hi"] == pytest.approx(0.1)
-    assert b["p_le_0"] == 0.0
+    assert b["share_boot_le_0"] == 0.0
     # two examples, d = (0, 1): resample means are 0, .5, 1 with prob 1/4, 1/2, 1/4
     b = paired_bootstrap([0.0, 1.0], [0.0, 0.0], n_resamples=20000, seed=0)
     assert b["diff"] == 0.5 and b["lo"] == 0.0 and b["hi"] == 1.0
-    assert b["p_le_0"] == pytest.approx(0.25, abs=0.01)
+    assert b["share_boot_le_0"] == pytest.approx(0.25, abs=0.01)
     # fixed seed: exactly the documented procedure
     a, c = [0.3, 0.1, 0.8, 0.5, 0.2], [0.2, 0.2, 0.5, 0.5, 0.1]
     d = np.array(a) - np.array(c)
@@ -49,6 +50,33 @@ def test_paired_bootstrap_hand_computed():
     assert (got["lo"], got["hi"]) == (pytest.approx(lo), pytest.approx(hi))
     assert got == paired_bootstrap(a, c, n_resamples=1000, seed=7)
     assert relative_gain(0.3, 0.2) == pytest.approx(50.0) and relative_gain(1, 0) is None
+    # results written before the rename still read back
+    assert share_boot_le_0({"p_le_0": 0.3}) == 0.3 and share_boot_le_0(got) == got["share_boot_le_0"]
+
+
+def test_two_level_bootstrap_one_seed_is_the_examples_bootstrap():
+    a, c = [0.3, 0.1, 0.8, 0.5, 0.2], [0.2, 0.2, 0.5, 0.5, 0.1]
+    d = (np.array(a) - np.array(c)).tolist()
+    one = two_level_bootstrap([d], n_resamples=1000, seed=7)
+    ex = paired_bootstrap(a, c, n_resamples=1000, seed=7)
+    assert not one["seed_level"] and one["n_seeds"] == 1
+    assert (one["diff"], one["lo"], one["hi"], one["share_boot_le_0"]) == \
+        (ex["diff"], ex["lo"], ex["hi"], ex["share_boot_le_0"])
+
+
+def test_two_level_bootstrap_widens_when_seeds_disagree():
+    # seed s shifts every example by +0.1, -0.1, 0: the seed-averaged per-example difference
+    # is 0 everywhere, so the examples-only interval is [0, 0]; resampling 3 seeds gives
+    # means in {-0.1, ..., +0.1}, each extreme with probability 1/27 > 2.5%, so the 95%
+    # interval is exactly [-0.1, +0.1]
+    base = np.array([0.2, 0.4, 0.6, 0.3])
+    shift = np.array([0.1, -0.1, 0.0])[:, None]
+    d = (base + shift) - base
+    ex = paired_bootstrap(d.mean(0), np.zeros(4), n_resamples=4000, seed=0)
+    two = two_level_bootstrap(d, n_resamples=4000, seed=0)
+    assert two["seed_level"] and two["diff"] == pytest.approx(ex["diff"], abs=1e-15)
+    assert ex["lo"] == pytest.approx(0, abs=1e-15) and ex["hi"] == pytest.approx(0, abs=1e-15)
+    assert two["lo"] == pytest.approx(-0.1) and two["hi"] == pytest.approx(0.1)
 
 
 # ---------------------------------------------------------------- compare
@@ -137,10 +165,23 @@ def test_grid_and_transfer_cells(tmp_path, fake_training):
     assert (tmp_path / "cmp" / "results.png").stat().st_size > 1000
 
 
-def test_end_to_end_two_methods_two_seeds(tmp_path):
+def test_end_to_end_two_methods_two_seeds(tmp_path, monkeypatch):
     """Real (tiny) training: 2 methods x 2 seeds, one step each; table, JSON and plot."""
+    import torch
+
+    real_train, weights = C.train_model, {}
+
+    def spy(tcfg, records):  # keep each trained model's weights to compare the seeds
+        model, tok, info = real_train(tcfg, records)
+        weights[(tcfg.method, tcfg.seed)] = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+        return model, tok, info
+
+    monkeypatch.setattr(C, "train_model", spy)
     cfg = _cfg(tmp_path)
     r = C.run(cfg)
+    # the seed is not a label only: different seeds train different models
+    for m in ("ce", "perce"):
+        assert not torch.equal(weights[(m, 0)], weights[(m, 1)]), m
     out = tmp_path / "cmp"
     assert r["cells_computed"] == 4
     res = json.loads((out / "results.json").read_text())
@@ -150,11 +191,171 @@ def test_end_to_end_two_methods_two_seeds(tmp_path):
     for m in ("rouge1", "rougeL", "meteor"):
         iv = rows["perce"]["metrics"][m]
         assert iv["n"] == 2 and iv["lo"] <= iv["mean"] <= iv["hi"]
-        assert set(rows["perce"]["vs_ce"][m]) >= {"diff", "lo", "hi"}
+        assert set(rows["perce"]["vs_ce"][m]) >= {"diff", "lo", "hi", "share_boot_le_0", "two_level"}
+    assert rows["perce"]["shared_seeds"] == [0, 1] and isinstance(rows["perce"]["profile_removed"], int)
     cell = json.loads((out / "cells" / "perce__seed0__lr2e-05__clip0.8-5__test.json").read_text())
     assert cell["train"]["steps"] == 1 and cell["peak_mem_bytes"] > 0 and len(cell["examples"]) == 4
     md = (out / "results.md").read_text()
-    assert "| perce | 2 |" in md and "ROUGE-L" in md and "METEOR" in md
+    assert "| perce | 2 |" in md and "ROUGE-L" in md and "METEOR" in md and "eval prompts" in md
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert res["run"]["git_commit"] is None or isinstance(res["run"]["git_commit"], str)
     assert "versions" in res["run"] and "rouge-score" in res["metric_versions"]
+
+
+# ---------------------------------------------------------------- Δ vs ce on shared seeds (synthetic cells)
+
+def _cell(method, seed, scores, ids=("a", "b", "c"), trained=True, **extra):
+    """A finished cell with known per-example ROUGE-L scores (lr 2e-5, clip 0.8:5: _cfg's default)."""
+    ex = [{"id": i, "prediction": "", "scores": {"rougeL": v}} for i, v in zip(ids, scores)]
+    return {"method": method, "seed": seed, "eval_set": "test", "trained": trained,
+            "lr": 2e-5 if trained else None, "clip_min": 0.8 if trained and method != "ce" else None,
+            "clip_max": 5.0 if trained and method != "ce" else None,
+            "metrics": {"rougeL": sum(scores) / len(scores)}, "train_s": 1.0, "eval_s": 1.0,
+            "peak_mem_bytes": 2 ** 20, "mem_kind": "rss", "examples": ex, **extra}
+
+
+CE = {0: [0.2, 0.4, 0.6], 1: [0.5, 0.5, 0.5], 2: [0.8, 0.8, 0.8]}
+
+
+def _summary(tmp_path, cells, methods, seeds=(0, 1, 2)):
+    cfg = _cfg(tmp_path, methods=methods, seeds=list(seeds), metrics=["rougeL"], bootstrap_resamples=2000)
+    res = C.summarize(cfg, cells, cfg.eval_sets_resolved(), cfg.settings(), list(seeds)[:1])
+    return res, {r["method"]: r for r in res["groups"][0]["rows"]}
+
+
+def test_one_seed_method_uses_only_the_shared_seed(tmp_path):
+    # lossce has seed 0 only; its examples are stored in another order (pairing is by id)
+    loss0 = _cell("lossce", 0, [0.9, 0.3, 0.3], ids=("c", "a", "b"))
+    cells = [_cell("ce", s, v) for s, v in CE.items()] + [loss0]
+    res, rows = _summary(tmp_path, cells, ["ce", "lossce"])
+    r = rows["lossce"]
+    assert r["shared_seeds"] == [0] and r["vs_ce"]["rougeL"]["seeds"] == [0]
+    # by hand against ce seed 0 only: a 0.3-0.2, b 0.3-0.4, c 0.9-0.6 -> Δ = 0.3/3 = 0.1;
+    # gain = (0.5 - 0.4) / 0.4 = +25%. (Against the 3-seed ce mean it would be -0.0667, -11.8%.)
+    assert r["vs_ce"]["rougeL"]["diff"] == pytest.approx(0.1, abs=1e-12)
+    assert r["gain_pct"]["rougeL"] == pytest.approx(25.0, abs=1e-9)
+    # the examples-only interval is exactly the paired bootstrap of lossce seed 0 vs ce seed 0
+    ex = paired_bootstrap([0.3, 0.3, 0.9], CE[0], n_resamples=2000, seed=0)
+    got = r["vs_ce"]["rougeL"]
+    assert (got["lo"], got["hi"]) == (pytest.approx(ex["lo"]), pytest.approx(ex["hi"]))
+    assert got["share_boot_le_0"] == pytest.approx(ex["share_boot_le_0"]) and "p_le_0" not in got
+    # one shared seed: no seed level, and the table says so
+    assert not got["two_level"]["seed_level"]
+    md = C.render_markdown(res)
+    assert "| lossce | 1 | +10.00 [" in md and "[n/a: 1 shared seed]" in md
+    assert "[CI: examples] [CI: seeds, then examples]" in md
+
+
+def test_three_seed_delta_and_gain_by_hand(tmp_path):
+    # perce seed s = ce seed s + (0.1, -0.1, 0.0)[s] on every example: seeds disagree
+    shift = {0: 0.1, 1: -0.1, 2: 0.0}
+    cells = [_cell("ce", s, v) for s, v in CE.items()] + \
+            [_cell("perce", s, [x + shift[s] for x in v]) for s, v in CE.items()]
+    res, rows = _summary(tmp_path, cells, ["ce", "perce"])
+    got = rows["perce"]["vs_ce"]["rougeL"]
+    assert rows["perce"]["shared_seeds"] == [0, 1, 2]
+    # Δ = mean of the shifts = 0; gain = 0 / mean(ce) = 0
+    assert got["diff"] == pytest.approx(0, abs=1e-12) and rows["perce"]["gain_pct"]["rougeL"] == pytest.approx(0, abs=1e-9)
+    # examples only: every seed-averaged per-example difference is 0 -> [0, 0]; over seeds
+    # then examples: the seed shifts show up (each extreme has probability 1/27 > 2.5%)
+    assert got["lo"] == pytest.approx(0, abs=1e-12) and got["hi"] == pytest.approx(0, abs=1e-12)
+    two = got["two_level"]
+    assert two["seed_level"] and two["diff"] == pytest.approx(got["diff"], abs=1e-12)
+    assert two["lo"] == pytest.approx(-0.1) and two["hi"] == pytest.approx(0.1)
+    assert "| perce | 3 | +0.00 [+0.00, +0.00] [-10.00, +10.00] |" in C.render_markdown(res).replace("-0.00", "+0.00")
+
+
+def test_no_shared_seed_is_not_compared(tmp_path):
+    cells = [_cell("ce", s, v) for s, v in CE.items() if s < 2] + [_cell("entce", 2, [0.1, 0.1, 0.1])]
+    res, rows = _summary(tmp_path, cells, ["ce", "entce"])
+    assert rows["entce"]["shared_seeds"] == [] and rows["entce"]["vs_ce"] == {} and rows["entce"]["gain_pct"] == {}
+    assert "| entce | 0 | no shared seed | — |" in C.render_markdown(res)
+
+
+def test_untrained_greedy_run_pairs_with_every_ce_seed(tmp_path):
+    base = _cell("base_profile", 0, [0.5, 0.5, 0.2], trained=False,
+                 prompt_stats={"profile_cut": 2})  # written before profile_removed existed
+    cells = [_cell("ce", s, v, prompt_stats={"profile_cut": 2, "profile_removed": 0}) for s, v in CE.items()]
+    res, rows = _summary(tmp_path, cells + [base], ["base_profile", "ce"])
+    r = rows["base_profile"]
+    # mean over the 3 ce seeds x 3 examples of base - ce: (1.2 - (1.2 + 1.5 + 2.4) / 3) / 3 = -0.166..
+    assert r["shared_seeds"] == [0, 1, 2] and r["deterministic"]
+    assert r["vs_ce"]["rougeL"]["diff"] == pytest.approx((1.2 - 5.1 / 3) / 3, abs=1e-12)
+    assert r["gain_pct"]["rougeL"] == pytest.approx(100 * (0.4 - 1.7 / 3) / (1.7 / 3), abs=1e-9)
+    assert r["vs_ce"]["rougeL"]["two_level"]["seed_level"]
+    assert r["profile_removed"] == 0 and r["profile_cut"] == 2
+    md = C.render_markdown(res)
+    assert "| base_profile | 3* |" in md
+    assert "cut the profile in 2 of 3 eval prompts and removed it entirely in 0" in md
+
+
+# ---------------------------------------------------------------- resume: the settings hash
+
+def _write_test_records(path, change_first_output=False):
+    from percontrast.data import load_records
+    from percontrast.prompts import get_task
+    recs = load_records("builtin:sample-test", get_task("email"), limit=2)
+    if change_first_output:
+        recs[0]["output"] += " (edited)"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return str(path)
+
+
+def test_resume_refuses_a_cell_made_with_other_settings(tmp_path, fake_training, capsys):
+    data = _write_test_records(tmp_path / "test.jsonl")
+    one = dict(methods=["ce"], seeds=[0], test_data=data, test_limit=None)
+    C.run(_cfg(tmp_path, **one))
+    cell = tmp_path / "cmp" / "cells" / "ce__seed0__lr2e-05__test.json"
+    stored = json.loads(cell.read_text())
+    assert len(stored["config_hash"]) == 64 and "profile_removed" in stored["prompt_stats"]
+    saved_config = (tmp_path / "cmp" / "compare_config.json").read_text()
+    fake_training.clear()
+    changes = [({"train": {"max_steps": 2, "batch_size": 4}}, "train.config.max_steps"),
+               ({"k": 2}, "shared.k"), ({"max_length": 160}, "shared.max_length"),
+               ({"max_new_tokens": 4}, "decoding.max_new_tokens"), ({"retriever": "first"}, "shared.retriever"),
+               ({"dtype": "float16"}, "shared.dtype"), ({"test_limit": 1}, "eval_set.records_sha256")]
+    for change, path in changes:
+        with pytest.raises(UserError) as e:
+            C.run(_cfg(tmp_path, **{**one, **change}))
+        msg = str(e.value)
+        assert str(cell) in msg and path in msg and "delete it" in msg and "\n" not in msg, msg
+    # the same file with other content is another experiment, too
+    _write_test_records(tmp_path / "test.jsonl", change_first_output=True)
+    with pytest.raises(UserError, match="eval_set.records_sha256"):
+        C.run(_cfg(tmp_path, **one))
+    _write_test_records(tmp_path / "test.jsonl")
+    # ... and the CLI prints it as one line, exit 2
+    from percontrast import cli
+    y = tmp_path / "c.yaml"
+    y.write_text(f"model: tiny-random\ndata: builtin:sample-train\ntest_data: {data}\ntask: email\nk: 1\n"
+                 f"max_length: 192\nmax_new_tokens: 3\nlimit: 8\nseeds: [0]\nmethods: [ce]\nprogress: false\n"
+                 f"train: {{max_steps: 3, batch_size: 4}}\noutput_dir: {tmp_path / 'cmp'}\n")
+    assert cli.main(["compare", "--config", str(y)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "ce__seed0__lr2e-05__test.json" in err[0]
+    # nothing was trained, the output folder still describes the first run
+    assert fake_training == [] and (tmp_path / "cmp" / "compare_config.json").read_text() == saved_config
+    # settings that cannot change a model or its outputs do not invalidate it
+    r = C.run(_cfg(tmp_path, **one, train={"max_steps": 1, "batch_size": 4, "logging_steps": 5},
+                   bootstrap_resamples=300))
+    assert r["cells_skipped"] == 1 and fake_training == []
+
+
+def test_resume_refuses_cells_without_hash_unless_adopted(tmp_path, fake_training):
+    one = dict(methods=["ce"], seeds=[0])
+    C.run(_cfg(tmp_path, **one))
+    cell = tmp_path / "cmp" / "cells" / "ce__seed0__lr2e-05__test.json"
+    old = json.loads(cell.read_text())
+    for key in ("config_hash", "definition", "prompt_stats"):  # what an older percontrast wrote
+        del old[key]
+    cell.write_text(json.dumps(old))
+    fake_training.clear()
+    with pytest.raises(UserError, match="no settings hash.*--adopt-unhashed-cells"):
+        C.run(_cfg(tmp_path, **one))
+    with pytest.raises(UserError, match="no settings hash"):
+        C.run(_cfg(tmp_path, **one, summarize_only=True))
+    r = C.run(_cfg(tmp_path, **one, adopt_unhashed_cells=True))
+    assert r["cells_skipped"] == 1 and fake_training == []
+    res = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert res["unhashed_cells"] == ["ce__seed0__test"]
+    assert "--adopt-unhashed-cells" in (tmp_path / "cmp" / "results.md").read_text()

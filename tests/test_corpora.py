@@ -379,10 +379,20 @@ def test_sotu_bad_rows(tmp_path):
     with pytest.raises(DataError, match=r"bad\.json: record 1901-P0: field 'text': expected a non-empty string, got int"):
         sotu.load_addresses(str(f))
     (tmp_path / "cut.jsonl").write_text(json.dumps(_sotu_rows(1, 1)[0])[:50])
-    with pytest.raises(UserError, match="unreadable or truncated"):
+    with pytest.raises(DataError, match=r"cut\.jsonl: invalid JSON at line 1, .*truncated file"):
         sotu.load_addresses(str(tmp_path / "cut.jsonl"))
     with pytest.raises(UserError, match="not found"):
         sotu.load_addresses(str(tmp_path / "missing.csv"))
+
+
+def test_sotu_jsonl_keeps_texts_with_unicode_line_separators(tmp_path):
+    """A raw U+2028 / U+0085 inside a JSON string is not a line break (it cut records in two before)."""
+    rows = _sotu_rows(1, 2)
+    rows[0]["text"] += " Closing\u2028words\u0085here."
+    f = tmp_path / "sotu.jsonl"
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    got = sotu.load_addresses(str(f))
+    assert [r["text"] for r in got] == [r["text"] for r in rows]
 
 
 def test_sotu_real_package_small():

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from percontrast.data import load_records, read_rows
+from percontrast.data import load_records, parse_jsonl, read_rows
 from percontrast.encoding import PromptBuilder
 from percontrast.errors import DataError, UserError
 from percontrast.prompts import get_task
@@ -52,6 +52,18 @@ def test_truncated_json_and_bad_utf8(tmp_path):
         read_rows(q)
     with pytest.raises(DataError, match="file not found"):
         read_rows(tmp_path / "missing.jsonl")
+
+
+def test_jsonl_lines_split_on_newline_only():
+    """Every character str.splitlines() breaks at, raw inside a JSON string, stays in the record;
+    CRLF line ends work; the truncation hint is given for the unterminated last line only."""
+    odd = "a\x0bb\x0cc\x1cd\x1de\x1ef\x85g\u2028h\u2029i"
+    text = json.dumps({"t": odd}, ensure_ascii=False) + "\r\n\r\n" + json.dumps({"t": 2}) + "\r\n"
+    assert parse_jsonl(text, "x.jsonl") == [{"t": odd}, {"t": 2}]
+    with pytest.raises(DataError, match=r"^x\.jsonl: invalid JSON at line 2, column \d+: .*truncated file\?\)$"):
+        parse_jsonl('{"t": 1}\n{"t": ', "x.jsonl")
+    with pytest.raises(DataError, match=r"^x\.jsonl: invalid JSON at line 1, column \d+: [^(]*; expected rows$"):
+        parse_jsonl('{"t": \n{"t": 1}\n', "x.jsonl", expected="rows")
 
 
 def test_json_list_and_jsonl_agree(tmp_path):

@@ -1,16 +1,36 @@
-"""Batched generation must give exactly the one-at-a-time outputs (greedy)."""
+"""Batched greedy generation: exactly the one-at-a-time outputs, and exactly transformers' own ``generate``
+on the same left-padded batches, for a rotary-position model (Llama) and an absolute-position one (GPT-2).
+
+Exactness. Every comparison here is of token ids, i.e. of argmaxes over logits computed by different float
+operations on the same math (a padded batch or a row alone, with or without the KV cache, our loop that drops
+finished rows and keeps the LM head to the last position, or ``generate`` that keeps every row). Rounding can
+only flip a token whose lead over the runner-up is below the rounding difference of the logits. So all models
+are float64: the logits of this 2-layer, width-64 network are below 10 in magnitude and come out of ~10^3
+rounding steps of 1.1e-16, so two evaluations differ by < 1e-12 (measured: 4e-16 .. 3e-15 between a padded
+batch and each row alone; float32 gives 4e-7). And ``_assert_decisive`` checks, on an independent full
+recomputation (no padding, no cache), that every chosen token leads the runner-up by more than MARGIN = 1e-6,
+six orders of magnitude above that. Hence any difference in the ids is a real bug (positions, padding mask,
+cache, row dropping, stopping), never float noise, on any machine.
+"""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 from percontrast.generation import DecodingOptions, generate_from_ids
 
+MARGIN = 1e-6      # see the module docstring: > 1e6 x the float64 rounding difference of two evaluations
+N_NEW = 16
+
 
 @pytest.fixture(scope="module")
 def tiny():
+    """The library's tiny random Llama, as float64 (see the module docstring)."""
     from percontrast.models import load_model
-    return load_model("tiny-random")
+    model, tok = load_model("tiny-random")
+    return model.double().eval(), tok
 
 
 def _prompts(tok, n=7):
@@ -20,6 +40,33 @@ def _prompts(tok, n=7):
     return [tok(t)["input_ids"] for t in texts[:n]]
 
 
+@torch.no_grad()
+def _step_logits(model, prompt, cont):
+    """Logits [len(cont), V] that predict each token of ``cont`` after ``prompt``: one full forward, no padding,
+    no cache (an independent computation)."""
+    out = model(input_ids=torch.tensor([prompt + cont]), use_cache=False)
+    return out.logits[0, len(prompt) - 1: len(prompt) - 1 + len(cont)]
+
+
+def _assert_decisive(model, tok, prompts, outs, n_new):
+    """Each output is the greedy continuation (incl. the EOS that ended it, if it ended before n_new) by a full
+    recomputation, and every step's winner leads by > MARGIN, so no rounding difference can flip it."""
+    for p, o in zip(prompts, outs):
+        cont = o + ([tok.eos_token_id] if len(o) < n_new else [])
+        top2 = _step_logits(model, p, cont).topk(2, dim=-1)
+        assert top2.indices[:, 0].tolist() == cont
+        lead = (top2.values[:, 0] - top2.values[:, 1]).min().item()
+        assert lead > MARGIN, f"near-tie ({lead:.2e}): a float difference could flip this token"
+
+
+def _assert_no_special_tokens(tok, outs):
+    """generate stops here at EOS only; our loop may stop at more ids (the chat template's end of turn, the
+    generation config's EOS list), all of them special tokens. None occurs in these outputs, so the two stop
+    sets act the same on them."""
+    specials = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    assert not specials & {t for o in outs for t in o}
+
+
 def test_batched_equals_one_at_a_time(tiny):
     model, tok = tiny
     prompts = _prompts(tok)
@@ -27,6 +74,7 @@ def test_batched_equals_one_at_a_time(tiny):
     opts = DecodingOptions(max_new_tokens=12)
     single = [generate_from_ids(model, tok, [p], opts, batch_size=1, progress=False, return_ids=True)[0]
               for p in prompts]
+    _assert_decisive(model, tok, prompts, single, 12)
     for bs in (3, 16):
         batched = generate_from_ids(model, tok, prompts, opts, batch_size=bs, progress=False, return_ids=True)
         assert batched == single, f"batch_size={bs}"
@@ -35,7 +83,7 @@ def test_batched_equals_one_at_a_time(tiny):
 
 @pytest.fixture(scope="module")
 def tiny_abs_pos(tiny):
-    """A tiny GPT-2 with LEARNED ABSOLUTE position embeddings and a large init. Llama's RoPE is
+    """A tiny GPT-2 with LEARNED ABSOLUTE position embeddings and a large init, float64. Llama's RoPE is
     shift-invariant, so a left-padding position bug can hide there; here it changes the tokens."""
     from transformers import GPT2Config, GPT2LMHeadModel
     _, tok = tiny
@@ -43,7 +91,7 @@ def tiny_abs_pos(tiny):
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = GPT2LMHeadModel(cfg).eval()
+        model = GPT2LMHeadModel(cfg).double().eval()
     return model, tok
 
 
@@ -54,6 +102,7 @@ def test_batched_equals_one_at_a_time_absolute_positions(tiny_abs_pos):
     single = [generate_from_ids(model, tok, [p], opts, batch_size=1, progress=False, return_ids=True)[0]
               for p in prompts]
     assert len({tuple(s) for s in single}) == len(single)  # the model really depends on its input
+    _assert_decisive(model, tok, prompts, single, 12)
     batched = generate_from_ids(model, tok, prompts, opts, batch_size=16, progress=False, return_ids=True)
     assert batched == single
 
@@ -64,11 +113,14 @@ def test_matches_hf_generate_unpadded(tiny):
     prompts = _prompts(tok, 4)
     opts = DecodingOptions(max_new_tokens=10)
     ours = generate_from_ids(model, tok, prompts, opts, batch_size=4, progress=False, return_ids=True)
-    for p, o in zip(prompts, ours):
+    refs = []
+    for p in prompts:
         ref = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                              **opts.generate_kwargs(tok))[0, len(p):].tolist()
-        ref = ref[: ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref
-        assert o == ref
+        refs.append(ref[: ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref)
+    _assert_no_special_tokens(tok, refs)
+    _assert_decisive(model, tok, prompts, refs, 10)
+    assert ours == refs
 
 
 def test_stops_at_eos_and_strips_it(tiny, monkeypatch):
@@ -104,6 +156,106 @@ def test_order_preserved_and_empty_input(tiny):
     prompts = _prompts(tok)
     opts = DecodingOptions(max_new_tokens=5)
     out = generate_from_ids(model, tok, prompts, opts, batch_size=4, progress=False, return_ids=True)
+    _assert_decisive(model, tok, prompts, out, 5)
     rev = generate_from_ids(model, tok, prompts[::-1], opts, batch_size=4, progress=False, return_ids=True)
     assert out == rev[::-1]
     assert generate_from_ids(model, tok, [], opts, progress=False) == []
+
+
+# -- against transformers' own generate, on left-padded batches ------------------------------------------------
+
+def _hf_padded(model, tok, prompts, n_new):
+    """transformers' greedy generate on ONE left-padded batch (stop at EOS); ids before each row's EOS."""
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), tok.pad_token_id, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p)
+        att[i, L - len(p):] = 1
+    out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=n_new, do_sample=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         temperature=None, top_p=None, top_k=None)
+    rows = out[:, L:].tolist()
+    return [r[: r.index(tok.eos_token_id)] if tok.eos_token_id in r else r for r in rows]
+
+
+def _install_end_logit(model, tok, prompts, n_new):
+    """Give the (untied, float64) LM head a constant EOS logit tau: EOS's weight row is zero, its bias tau, so a
+    row ends at its first step whose best other logit is below tau. tau is chosen from the model's own greedy
+    trajectories (EOS disabled) so that rows end at several DIFFERENT steps and at least one row runs to n_new:
+    our loop then drops finished rows mid-batch (and from the KV cache), which ``generate`` never does."""
+    eos = tok.eos_token_id
+    head = model.get_output_embeddings()
+    new = torch.nn.Linear(head.in_features, head.out_features, bias=True, dtype=torch.float64)
+    with torch.no_grad():
+        new.weight.copy_(head.weight)
+        new.weight[eos] = 0
+        new.bias.zero_()
+        new.bias[eos] = -1e9                      # never chosen while tau is being picked
+    model.set_output_embeddings(new)
+    model.config.tie_word_embeddings = False
+    best = []                                     # per row: the best logit at each step of its trajectory
+    for p in prompts:
+        (cont,) = _hf_padded(model, tok, [p], n_new)
+        assert len(cont) == n_new
+        best.append(_step_logits(model, p, cont).max(-1).values.tolist())
+
+    def stops(tau):
+        return [next((s for s, v in enumerate(b) if v < tau), n_new) for b in best]
+
+    def spread(tau):   # distinct early stop steps, provided some row runs to the end
+        s = stops(tau)
+        return len({x for x in s if 0 < x < n_new}) if n_new in s else -1
+
+    values = sorted({v for b in best for v in b})
+    tau = max(((a + b) / 2 for a, b in zip(values, values[1:])), key=spread)   # midpoints: far from any logit
+    assert spread(tau) >= 2
+    with torch.no_grad():
+        new.bias[eos] = tau
+    model.generation_config.eos_token_id = eos    # generate: stop at EOS (see _assert_no_special_tokens)
+    return model
+
+
+def _assert_same_as_hf(model, tok, n_new=N_NEW):
+    prompts = _prompts(tok)
+    assert len({len(p) for p in prompts}) > 3      # really different lengths -> real left padding
+    ref = _hf_padded(model, tok, prompts, n_new)
+    lens = [len(r) for r in ref]                   # rows end at different steps, one runs to the limit
+    assert n_new in lens and len({n for n in lens if n < n_new}) >= 2, lens
+    _assert_no_special_tokens(tok, ref)
+    _assert_decisive(model, tok, prompts, ref, n_new)
+    opts = DecodingOptions(max_new_tokens=n_new)
+    for bs in (16, 3, 1):
+        ours = generate_from_ids(model, tok, prompts, opts, batch_size=bs, progress=False, return_ids=True)
+        assert ours == ref, f"batch_size={bs}"
+    return ref
+
+
+def test_matches_hf_generate_padded_rotary(tiny):
+    """The tiny Llama (rotary positions). Its stock weights (std 0.02, head tied to the embedding) make it
+    repeat one token whatever the context, so a padding / cache / position bug would not change its output:
+    here the 2-D weights are scaled x5 and the head is untied (and gets the EOS logit above)."""
+    base, tok = tiny
+    model = copy.deepcopy(base).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5)
+    _install_end_logit(model, tok, _prompts(tok), N_NEW)
+    ref = _assert_same_as_hf(model, tok)
+    assert all(len(set(r)) > 1 for r in ref if len(r) > 2)   # not the repeat-one-token regime
+
+
+def test_matches_hf_generate_padded_absolute_positions(tiny):
+    """A tiny random GPT-2 (learned ABSOLUTE position embeddings): unlike RoPE, a position id that is off,
+    even by the same amount for a whole row, changes its output."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    _, tok = tiny
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=len(tok), n_positions=256,
+                     tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(cfg).double().eval()
+    _install_end_logit(model, tok, _prompts(tok), N_NEW)
+    _assert_same_as_hf(model, tok)

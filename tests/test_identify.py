@@ -177,7 +177,27 @@ def test_run_end_to_end_tiny(tmp_path):
         assert md.count(f"| {sig} |") == len(I.GROUPS) + 1   # + the word-level table
     # word matching flags every copied token (copied words are in the profile by construction)
     assert js["metrics"]["word_match"]["copied"]["mean_pos"] == 1.0
-    assert res["metrics"]["random"]["overall"]["auroc"] == js["metrics"]["random"]["overall"]["auroc"]
+    # The metrics against an independent computation from the per-token scores the run wrote:
+    # AUROC as the pairwise count, best F1 by trying every threshold. word_match is 0/1, so the
+    # 5-decimal rounding in scores.jsonl changes nothing and the values must agree exactly.
+    rows = [json.loads(line) for line in (tmp_path / "out" / "scores.jsonl").read_text().split("\n") if line]
+    test = [r for r in rows if r["split"] == "test"]
+    assert len(test) == 4
+    for group in I.GROUPS:
+        pairs = [(sc, k is not None) for r in test for sc, k in zip(r["word_match"], r["kinds"])
+                 if k is None or group == "overall" or k == group]
+        s, y = [a for a, _ in pairs], [b for _, b in pairs]
+        m = js["metrics"]["word_match"][group]
+        assert (m["n_pos"], m["n_neg"]) == (sum(y), len(y) - sum(y))
+        if 0 < sum(y) < len(y):
+            assert m["auroc"] == pytest.approx(_auroc_pairs(s, y), abs=1e-12)
+        if sum(y):
+            f1s = []
+            for t in sorted(set(s)):
+                tp = sum(a >= t and b for a, b in zip(s, y))
+                fp = sum(a >= t and not b for a, b in zip(s, y))
+                f1s.append(2 * tp / (2 * tp + fp + (sum(y) - tp)))
+            assert m["best_f1"] == pytest.approx(max(f1s), abs=1e-12)
     assert not list((tmp_path / "out").glob(".*tmp"))
 
 
@@ -194,6 +214,33 @@ def test_run_reads_a_prepared_folder_and_rejects_missing_spans(tmp_path):
     with pytest.raises(DataError, match="spans"):
         I.run(I.IdentifyConfig(model="tiny-random", data=str(tmp_path / "d"), limit=3, bootstrap=0,
                                output_dir=str(tmp_path / "o2")))
+
+
+def test_run_loads_the_model_with_dtype_and_trust_remote_code(tmp_path, monkeypatch):
+    """identify honours the shared model options (it used to load every model in float32, no remote code)."""
+    import argparse
+
+    from percontrast import config as C
+    from percontrast import models
+
+    class Loaded(Exception):
+        pass
+
+    calls = []
+
+    def record(name, **kw):  # stands in for the model load: note the arguments, stop the run there
+        calls.append((name, kw))
+        raise Loaded
+
+    monkeypatch.setattr(models, "load_model", record)
+    p = argparse.ArgumentParser()
+    C.add_arguments(p, I.IdentifyConfig)
+    cfg = C.from_args(I.IdentifyConfig, p.parse_args(
+        ["--model", "some/model", "--dtype", "bfloat16", "--trust-remote-code", "--n-personas", "9",
+         "--output-dir", str(tmp_path / "o")]))
+    with pytest.raises(Loaded):
+        I.run(cfg)
+    assert calls == [("some/model", {"dtype": "bfloat16", "trust_remote_code": True})]
 
 
 def test_config_drives_cli_flags():

@@ -8,9 +8,11 @@ the browser test is skipped, except under ``CI=true``, where it fails.
 """
 from __future__ import annotations
 
+import ast
 import html.parser
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -31,10 +33,175 @@ def _calls(pattern: str):
             for i, line in enumerate(text.splitlines()) if rx.search(line)]
 
 
-def test_torch_load_is_weights_only():
-    calls = _calls(r"\btorch\.load\(")
-    for name, lineno, line in calls:
-        assert "weights_only=True" in line, f"{name}:{lineno}: {line}"
+# -- pickle: every loader call in the package, by AST (multi-line calls, aliases, ``from torch import load``) ----
+
+# Calls that unpickle. torch.load is safe only with a literal weights_only=True; numpy.load only without
+# allow_pickle=True; the others have no safe mode at all.
+_UNPICKLERS = {"torch.load", "torch.serialization.load", "pickle.load", "pickle.loads", "pickle.Unpickler",
+               "_pickle.load", "_pickle.loads", "dill.load", "dill.loads", "cloudpickle.load", "cloudpickle.loads",
+               "joblib.load", "pandas.read_pickle", "numpy.load"}
+
+
+def _loader_calls(source: str, filename: str = "<src>") -> list[tuple[str, int, str, bool]]:
+    """(file, line, resolved name, safe) for every Call in ``source`` that resolves to an unpickler."""
+    tree = ast.parse(source, filename)
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for a in node.names:
+                aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+
+    def dotted(f):
+        if isinstance(f, ast.Name):
+            return aliases.get(f.id, f.id)
+        if isinstance(f, ast.Attribute):
+            base = dotted(f.value)
+            return f"{base}.{f.attr}" if base else None
+        return None
+
+    def kw_is(call, name, value):
+        return any(k.arg == name and isinstance(k.value, ast.Constant) and k.value.value is value
+                   for k in call.keywords)
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and (name := dotted(node.func)) in _UNPICKLERS:
+            if name in ("torch.load", "torch.serialization.load"):
+                safe = kw_is(node, "weights_only", True)
+            elif name == "numpy.load":
+                # no **kwargs, and allow_pickle absent (default False) or a literal False
+                safe = all(k.arg is not None and (k.arg != "allow_pickle" or kw_is(node, "allow_pickle", False))
+                           for k in node.keywords)
+            else:
+                safe = False
+            found.append((filename, node.lineno, name, safe))
+    return found
+
+
+def test_loader_scan_catches_what_a_line_regex_misses():
+    """The scanner itself: it must flag each unsafe form and pass each safe one."""
+    bad = {
+        "multi_line": "import torch\nx = torch.load(\n    p,\n    map_location='cpu',\n)\n",
+        "explicit_false": "import torch\ntorch.load(p, weights_only=False)\n",
+        "alias": "import torch as T\nT.load(p)\n",
+        "from_import": "from torch import load as L\nL(p)\n",
+        "kwargs_hidden": "import torch\ntorch.load(p, **kw)\n",
+        "pickle": "import pickle\npickle.loads(b)\n",
+        "pickle_in_function": "def f(b):\n    import pickle as pk\n    return pk.load(b)\n",
+        "numpy_pickle": "import numpy as np\nnp.load(p, allow_pickle=True)\n",
+    }
+    for name, src in bad.items():
+        calls = _loader_calls(src)
+        assert calls and not all(c[3] for c in calls), name
+    good = ("import torch\ns = torch.load(\n    p,\n    map_location='cpu',\n    weights_only=True,\n)\n"
+            "import numpy as np\nnp.load(q)\n")
+    assert [(c[2], c[3]) for c in _loader_calls(good)] == [("torch.load", True), ("numpy.load", True)]
+
+
+def test_every_unpickling_call_in_the_package_is_weights_only():
+    calls = [c for p, text in SOURCES.items() for c in _loader_calls(text, str(p.relative_to(ROOT)))]
+    # not vacuous: the checkpoint loader (checkpointing.py) is one of them
+    assert any(c[2] == "torch.load" and c[0].endswith("checkpointing.py") for c in calls), calls
+    unsafe = [c for c in calls if not c[3]]
+    assert not unsafe, unsafe
+
+
+# -- pickle: a poisoned checkpoint is refused, and its code never runs --------------------------------------
+
+class _RunsCode:
+    """Unpickling this runs ``exec`` (writes a marker file): what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('pwned')",)
+
+
+def _poison(path: Path, marker: Path) -> None:
+    import torch
+    torch.save({"_pir_cache": _RunsCode(marker), "skipped_nonfinite": 0}, path)
+
+
+def _assert_poison_is_live(path: Path, marker: Path) -> None:
+    """Control: the file really runs code when unpickled unsafely (so a refusal below means something)."""
+    import torch
+    assert not marker.exists()
+    torch.load(path, weights_only=False)
+    assert marker.read_text() == "pwned"
+    marker.unlink()
+
+
+def test_extra_state_loader_refuses_a_pickled_object(tmp_path):
+    """``AtomicCheckpointMixin._load_optimizer_and_scheduler`` reads ``percontrast_state.pt`` from the checkpoint
+    being resumed: a file holding a code-running pickle raises, and the code does not run. A benign state file
+    (tensors, ints) still loads, so the refusal is the weights-only rule, not a loader that reads nothing."""
+    import torch
+
+    from percontrast.checkpointing import EXTRA_STATE, AtomicCheckpointMixin
+
+    class _Base:
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            pass
+
+    class _Trainer(AtomicCheckpointMixin, _Base):
+        extra_state_attrs = ("_pir_cache", "skipped_nonfinite")
+
+    ck = tmp_path / "checkpoint-1"
+    ck.mkdir()
+    marker = tmp_path / "pwned"
+    _poison(ck / EXTRA_STATE, marker)
+    _assert_poison_is_live(ck / EXTRA_STATE, marker)
+    t = _Trainer()
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        t._load_optimizer_and_scheduler(str(ck))
+    assert not marker.exists() and not hasattr(t, "_pir_cache")
+
+    torch.save({"_pir_cache": torch.arange(3.0), "skipped_nonfinite": 2}, ck / EXTRA_STATE)
+    t._load_optimizer_and_scheduler(str(ck))
+    assert t._pir_cache.tolist() == [0.0, 1.0, 2.0] and t.skipped_nonfinite == 2
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory):
+    from helpers import write_records
+    tmp = tmp_path_factory.mktemp("resume")
+    data = write_records(tmp / "train.jsonl", n=4)
+    out = tmp / "run"
+    rc, _, err = run_cli(["train", "--model", "tiny-random", "--data", str(data), "--task", "generic",
+                          "--max-steps", "1", "--batch-size", "2", "--max-length", "128", "--save-steps", "1",
+                          "--no-progress", "--output-dir", str(out)])
+    assert rc == 0, err
+    assert (out / "checkpoint-1" / "percontrast_state.pt").is_file()
+    return data, out
+
+
+# Every pickle-format file that ``train --resume`` reads: ours (percontrast_state.pt, read by the mixin) and the
+# Trainer's own. Each is poisoned on its own; the resumed run must never run the payload.
+@pytest.mark.parametrize("name", ["percontrast_state.pt", "optimizer.pt", "scheduler.pt", "rng_state.pth"])
+def test_resume_from_a_poisoned_checkpoint_never_runs_its_code(one_step_run, tmp_path, name):
+    data, ref = one_step_run
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    target = out / "checkpoint-1" / name
+    assert target.is_file(), sorted(p.name for p in target.parent.iterdir())
+    marker = tmp_path / "pwned"
+    _poison(target, marker)
+    _assert_poison_is_live(target, marker)
+    argv = ["train", "--model", "tiny-random", "--data", str(data), "--task", "generic", "--max-steps", "2",
+            "--batch-size", "2", "--max-length", "128", "--save-steps", "1", "--no-progress",
+            "--output-dir", str(out), "--resume"]
+    try:
+        rc, _, err = run_cli(argv)
+    except Exception as e:  # noqa: BLE001 - an escaping exception is a refusal too
+        rc, err = None, f"{type(e).__name__}: {e}"
+    assert not marker.exists(), f"resuming ran the code in {name}"
+    # refused outright by a weights-only load (ours in checkpointing.py; the Trainer's own via torch's default)
+    assert rc == 2 and err.startswith("error: --resume") and err.count("\n") == 1, (rc, err[-2000:])
+    assert "Weights only load failed" in err
 
 
 def test_no_pickle_or_eval_or_unsafe_yaml():

@@ -13,11 +13,11 @@ terms count as one president each.
 from __future__ import annotations
 
 import csv
-import json
 import re
 from pathlib import Path
 from typing import Any
 
+from ..data import read_rows
 from ..errors import DataError, UserError
 from . import Item, cap_words
 
@@ -95,17 +95,16 @@ def load_addresses(source: str | None = None) -> list[dict[str, Any]]:
             raise UserError(f"{p}: not found (expected a CSV, JSON or JSONL file of addresses with columns "
                             f"fileid, year, president_full (or president), date, text)")
         src = str(p)
-        try:
-            if p.suffix == ".csv":
+        if p.suffix == ".csv":
+            try:
                 with open(p, newline="", encoding="utf-8") as f:
                     rows = list(csv.DictReader(f))
-            else:
-                text = p.read_text(encoding="utf-8")
-                rows = json.loads(text) if text.lstrip().startswith("[") else [
-                    json.loads(line) for line in text.splitlines() if line.strip()]
-        except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
-            raise UserError(f"{p}: unreadable or truncated ({type(e).__name__}: {e}); expected CSV, JSON or "
-                            f"JSONL rows with fileid, year, president_full, date, text") from None
+            except (UnicodeDecodeError, csv.Error) as e:
+                raise UserError(f"{p}: unreadable or truncated ({type(e).__name__}: {e}); expected CSV, JSON or "
+                                f"JSONL rows with fileid, year, president_full, date, text") from None
+        else:
+            # JSON or JSONL through the package's one reader (errors name the file and line).
+            rows = read_rows(p)
     out = []
     for n, r in enumerate(rows):
         if not isinstance(r, dict):
