@@ -34,7 +34,7 @@ def main() -> None:
 
     import torch
 
-    from percontrast.data import load_records
+    from percontrast.datasets import load_records
     from percontrast.encoding import PromptBuilder
     from percontrast.generation import DecodingOptions, _hf_generate_batch, generate_from_ids
     from percontrast.models import load_model

@@ -110,7 +110,8 @@ def build_steps(model, tok, rows, opt, tmp, variants):
     from trl import SFTConfig, SFTTrainer
 
     from percontrast.encoding import PairedCollator
-    from percontrast.trainer import PerCEArgs, PerCETrainer
+    from percontrast.options import LossOptions
+    from percontrast.trainer import PerCETrainer
 
     ours_batch = PairedCollator(tok.pad_token_id)(copy.deepcopy(rows))
     common = dict(per_device_train_batch_size=len(rows), use_cpu=True, report_to="none", bf16=False,
@@ -133,7 +134,7 @@ def build_steps(model, tok, rows, opt, tmp, variants):
                   "perce_k4": dict(method="perce", refresh="every_k", refresh_every=4),
                   "naive": dict(method="perce", fast=False)}[v]
             tr = PerCETrainer(model=model, args=TrainingArguments(output_dir=str(tmp / v), **common),
-                              perce_args=PerCEArgs(**kw))
+                              perce_args=LossOptions(**kw))
             batch = ours_batch
         steps[v] = Step(v, tr, batch, model, opt)
     return steps
@@ -295,7 +296,7 @@ def main(argv=None):
     import trl
 
     from percontrast.models import load_model
-    from percontrast.train import TrainConfig, apply_lora
+    from percontrast.commands.train import TrainConfig, apply_lora
 
     transformers.logging.set_verbosity_error()
     started = datetime.now(timezone.utc)

@@ -6,12 +6,16 @@ The two formulas are plain functions on tensors:
     w_pir = pir(logp_with_profile, logp_without_profile)            # [B, R]
     loss = perce_loss(logp_with_profile, mask, pir=w_pir)            # clip(PIR, 0.8, 5.0), detached
 
-Commands (``percontrast --help``) and their config dataclasses live in one module each:
-``score``, ``train``, ``generate``, ``evaluate``, ``compare``, ``identify``, ``prepare``.
+Commands (``percontrast --help``) and their config dataclasses live in one module each
+under ``percontrast.commands``; record producers (LongLaMP/LaMP, corpora, synthetic
+personas) under ``percontrast.datasets``. See ARCHITECTURE.md.
 """
+from . import _moved
 from .losses import LOSSES, ce_loss, clip_weights, entce_loss, lossce_loss, perce_loss, weighted_nll
 from .pir import pir, token_entropy, token_logprobs
 
-__version__ = "0.1.0"
+_moved.install()   # old module paths (percontrast.train, ...) keep working for one release
+
+__version__ = "0.2.0"
 __all__ = ["pir", "token_logprobs", "token_entropy", "clip_weights", "weighted_nll", "ce_loss", "perce_loss",
            "lossce_loss", "entce_loss", "LOSSES", "__version__"]

@@ -22,31 +22,12 @@ import re
 import shutil
 from pathlib import Path
 
+from .files import publish_dir
+
 STAGING = ".checkpoint-staging"
 EXTRA_STATE = "percontrast_state.pt"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "trainer_state.json"   # the Trainer writes it last
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file and folder under ``folder`` to disk (so the rename never publishes
-    files whose data is still only in the page cache)."""
-    for p in sorted(folder.rglob("*"), reverse=True):
-        _fsync_path(p)
-    _fsync_path(folder)
-
-
-def _fsync_path(p: Path) -> None:
-    try:
-        fd = os.open(p, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:   # some file systems refuse fsync on folders
-        pass
-    finally:
-        os.close(fd)
 
 
 def complete_checkpoints(out: str | Path) -> list[Path]:
@@ -98,17 +79,8 @@ class AtomicCheckpointMixin:
             self._staging_root = None
         self.accelerator.wait_for_everyone()        # every rank's files are in the staging folder
         if self.args.should_save:
-            src, dst = staging / name, run_dir / name
-            _fsync_tree(src)
-            if dst.exists():   # the same step saved again (e.g. after a resume): replace it
-                old = run_dir / f".{name}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(dst, old)
-                os.replace(src, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(src, dst)
-            _fsync_path(run_dir)
+            # the same step saved again (e.g. after a resume) replaces the old folder
+            publish_dir(staging / name, run_dir / name, replace=True, fsync=True)
             shutil.rmtree(staging, ignore_errors=True)
             if self.state.best_model_checkpoint and STAGING in self.state.best_model_checkpoint:
                 self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(

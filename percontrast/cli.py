@@ -1,6 +1,7 @@
 """The ``percontrast`` command line: parse, call the library, print.
 
-Each command is a (config dataclass, run function) pair living in its own module;
+Each command is a (config dataclass, run function) pair living in its own module of
+``percontrast/commands/``;
 flags come from the dataclass fields, ``--config FILE.yaml`` fills the same fields.
 A ``UserError`` becomes one line on stderr and exit code 2, never a traceback.
 """
@@ -18,29 +19,25 @@ from .errors import UserError
 
 # command -> (module, config class, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "score": ("percontrast.score", "ScoreConfig", "Per-token PIR of examples, to JSON and an HTML heatmap."),
-    "train": ("percontrast.train", "TrainConfig", "Fine-tune with ce / perce / lossce / entce (full or LoRA)."),
-    "generate": ("percontrast.generate", "GenerateConfig", "Personalized generation for a data file."),
-    "eval": ("percontrast.evaluate", "EvalConfig", "Generate for a data file and score it (ROUGE, METEOR)."),
-    "compare": ("percontrast.compare", "CompareConfig", "Train and evaluate every method x seed; table with CIs."),
-    "identify": ("percontrast.identify", "IdentifyConfig", "Personal-token identification benchmark."),
-    "demo": ("percontrast.demo", "DemoConfig", "The Quick start demo: score, heatmap, short PerCE fine-tune."),
+    "score": ("percontrast.commands.score", "ScoreConfig", "Per-token PIR of examples, to JSON and an HTML heatmap."),
+    "train": ("percontrast.commands.train", "TrainConfig", "Fine-tune with ce / perce / lossce / entce (full or LoRA)."),
+    "generate": ("percontrast.commands.generate", "GenerateConfig", "Personalized generation for a data file."),
+    "eval": ("percontrast.commands.evaluate", "EvalConfig", "Generate for a data file and score it (ROUGE, METEOR)."),
+    "compare": ("percontrast.commands.compare", "CompareConfig", "Train and evaluate every method x seed; table with CIs."),
+    "identify": ("percontrast.commands.identify", "IdentifyConfig", "Personal-token identification benchmark."),
+    "demo": ("percontrast.commands.demo", "DemoConfig", "The Quick start demo: score, heatmap, short PerCE fine-tune."),
 }
 # nested: percontrast data prepare ...
 DATA_COMMANDS: dict[str, tuple[str, str, str]] = {
-    "prepare": ("percontrast.prepare", "PrepareConfig", "Write a benchmark or corpus as train/val/test JSONL."),
+    "prepare": ("percontrast.commands.prepare", "PrepareConfig", "Write a benchmark or corpus as train/val/test JSONL."),
 }
 
 
-def _available(table):
+def _load(table):
+    """{command: (module, config class, help)}, importing each command's module."""
     out = {}
     for name, (mod, cls, help_) in table.items():
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod:  # command not built in this version
-                continue
-            raise
+        module = importlib.import_module(mod)
         out[name] = (module, getattr(module, cls), help_)
     return out
 
@@ -62,14 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="percontrast", description="Token-level personalization of LLMs: PerContrast scores, PerCE training.")
     parser.add_argument("--verbose", action="store_true", help="More logging.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, cls, help_) in _available(COMMANDS).items():
+    for name, (module, cls, help_) in _load(COMMANDS).items():
         _add_command(sub, name, cls, help_, module)
-    data_cmds = _available(DATA_COMMANDS)
-    if data_cmds:
-        data = sub.add_parser("data", help="Prepare benchmarks and corpora.")
-        dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
-        for name, (module, cls, help_) in data_cmds.items():
-            _add_command(dsub, name, cls, help_, module)
+    data = sub.add_parser("data", help="Prepare benchmarks and corpora.")
+    dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    for name, (module, cls, help_) in _load(DATA_COMMANDS).items():
+        _add_command(dsub, name, cls, help_, module)
     return parser
 
 

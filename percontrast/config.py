@@ -216,7 +216,3 @@ def from_args(cls: type[T], args: argparse.Namespace) -> T:
         if cfg_path and culprits and not msg.startswith(str(cfg_path)):
             raise UserError(f"{cfg_path}: key '{culprits[0]}': {msg}") from None
         raise
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

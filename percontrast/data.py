@@ -1,23 +1,25 @@
 """Records in the LongLaMP format, read and checked.
 
 A record is ``{"id", "input", "output", "profile": [ {task fields...}, ... ]}`` (plus
-optional ``user_id``, ``date``). Sources: a ``.jsonl`` / ``.json`` (a list of records)
-/ ``.parquet`` file, ``builtin:sample-train`` / ``builtin:sample-test`` (6 users x 6 short messages, hand-written, shipped with the package),
-a Hugging Face dataset (``hf:NAME[:SPLIT]`` or a ``save_to_disk`` folder), or a benchmark spec handled by ``benchmarks.py`` (``longlamp:<config>[:split]``,
-``lamp:...``). Every problem is a ``DataError`` naming file, record and field.
+optional ``user_id``, ``date``). This module reads files (``parse_jsonl``, ``read_jsonl``,
+``read_rows``: ``.jsonl`` / ``.json`` / ``.parquet``) and checks records against a task
+(``validate_records``). Every problem is a ``DataError`` naming file, record and field.
+
+Turning a spec (a path, ``builtin:...``, ``hf:...``, ``longlamp:...``, ``lamp:...``) into
+records is ``percontrast.datasets.load_records``; this library module imports nothing from
+``percontrast.datasets`` (``percontrast.data.load_records`` still resolves, deprecated, for
+one release: ``_moved.py`` adds it).
 """
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DataError, UserError
+from .files import write_jsonl_atomic, write_text_atomic
 from .prompts import Task
-
-ASSETS = Path(__file__).parent / "assets"
-BUILTIN = {"builtin:sample-train": ASSETS / "sample-train.jsonl",
-           "builtin:sample-test": ASSETS / "sample-test.jsonl"}
 
 
 def parse_jsonl(text: str, source: str | Path, expected: str | None = None) -> list[Any]:
@@ -166,86 +168,64 @@ def validate_records(rows: Iterable[Any], task: Task, source: str, *, require_ou
     return out
 
 
-def load_records(spec: str, task: Task, *, require_output: bool = True, require_profile: bool = True,
-                 limit: int | None = None) -> list[dict]:
-    """Load and validate records from a file path, a built-in name or a benchmark spec."""
-    if spec in BUILTIN:
-        rows, source = read_rows(BUILTIN[spec]), spec
-    elif spec.split(":", 1)[0] in ("longlamp", "lamp") and ":" in spec:
-        from . import benchmarks  # loaders for the public benchmarks (hub or local files)
-        rows, source = benchmarks.load(spec), spec
-    elif spec.startswith("builtin:"):
-        raise UserError(f"unknown built-in data {spec!r}; known: {', '.join(BUILTIN)}")
-    elif spec.startswith("hf:") or (Path(spec).is_dir() and (Path(spec) / "state.json").exists()):
-        rows, source = _hf_rows(spec), spec
-    else:
-        rows, source = read_rows(spec), spec
-    if limit is not None:
-        rows = rows[:limit]
-    return validate_records(rows, task, source, require_output=require_output, require_profile=require_profile)
+# ---------------------------------------------------------------- predictions files
+# The LaMP/LongLaMP exchange format {"task": ..., "golds": [{"id", "output"}]}, read by ``eval
+# --predictions`` and written by ``generate`` / ``eval``.
 
-
-def _hf_rows(spec: str) -> list[Any]:
-    """A Hugging Face dataset: ``hf:NAME[:SPLIT]`` (hub or HF cache) or a ``save_to_disk`` folder."""
-    import datasets
-
-    try:
-        if spec.startswith("hf:"):
-            name, _, split = spec[3:].partition(":")
-            from .hub import hub_reachable, offline_mode
-            if offline_mode() or not hub_reachable():
-                datasets.config.HF_HUB_OFFLINE = True  # use the local cache, fail in seconds
-            ds = datasets.load_dataset(name, split=split or "train")
-        else:
-            ds = datasets.load_from_disk(spec)
-            if isinstance(ds, datasets.DatasetDict):
-                raise UserError(f"{spec}: holds splits {list(ds)}; point at one split's folder")
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - hub/cache failures are reported in one line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{spec}: could not load the dataset: {msg[:300]}") from None
-    return ds.to_list()
-
-
-def _umask() -> int:
-    import os
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> None:
-    """Write JSONL via a temp file + rename, so a crash never leaves half a file."""
-    import os
-    import tempfile
-
+def read_predictions(path: str | Path) -> list[dict]:
+    """[{"id": str, "output": str}] from an exchange-format JSON or a JSONL file."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    rows = None
+    if p.suffix != ".jsonl" and p.is_file():
+        try:
+            obj = json.loads(p.read_text(encoding="utf-8-sig"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            obj = None
+        if isinstance(obj, dict):
+            if not isinstance(obj.get("golds"), list):
+                raise DataError("expected the exchange format {\"task\": ..., \"golds\": [{\"id\", \"output\"}]}",
+                                file=str(p), field="golds")
+            rows = obj["golds"]
+    if rows is None:
+        rows = read_rows(p)
+    out = []
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"expected an object, got {type(row).__name__}", file=str(p), record=n)
+        rid = row.get("id")
+        if rid is None or isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            raise DataError("missing or not a string/integer", file=str(p), record=n, field="id")
+        text = row.get("output", row.get("prediction"))
+        if text is None:
+            text = ""  # an absent prediction is an empty one: it scores 0, it is not dropped
+        if not isinstance(text, str):
+            raise DataError(f"expected a string, got {type(text).__name__}", file=str(p), record=str(rid),
+                            field="output")
+        out.append({"id": str(rid), "output": text})
+    return out
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    import os
-    import tempfile
+def align_predictions(predictions: list[dict], gold_ids: list[str], source: str = "predictions") -> list[str]:
+    """Prediction texts in gold order. Any missing, extra or duplicated id is ONE UserError
+    that lists all of them (at most 10 of each kind shown)."""
+    counts = Counter(p["id"] for p in predictions)
+    gold = set(gold_ids)
+    dup = sorted(i for i, c in counts.items() if c > 1)
+    missing = [i for i in gold_ids if i not in counts]
+    extra = sorted(i for i in counts if i not in gold)
+    if dup or missing or extra:
+        def show(ids):
+            return ", ".join(ids[:10]) + (f" (+{len(ids) - 10} more)" if len(ids) > 10 else "")
+        parts = [f"{what} {len(ids)} id(s): {show(ids)}" for what, ids in
+                 (("missing", missing), ("extra", extra), ("duplicated", dup)) if ids]
+        raise UserError(f"{source}: prediction ids do not match the gold ids: " + "; ".join(parts))
+    by_id = {p["id"]: p["output"] for p in predictions}
+    return [by_id[i] for i in gold_ids]
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+def write_predictions(out: Path, task: str, records: list[dict], texts: list[str], rows: list[dict]) -> None:
+    """``predictions.json`` in the LaMP/LongLaMP exchange format, plus one JSONL row per example."""
+    golds = [{"id": r["id"], "output": t} for r, t in zip(records, texts)]
+    write_text_atomic(out / "predictions.json", json.dumps({"task": task, "golds": golds}, ensure_ascii=False,
+                                                           indent=1))
+    write_jsonl_atomic(out / "predictions.jsonl", rows)

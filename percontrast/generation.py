@@ -19,35 +19,9 @@ batching (same outputs contract, no row dropping).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class DecodingOptions:
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-
-    def generate_kwargs(self, tokenizer, end_ids: set[int] | None = None) -> dict:
-        """``model.generate`` arguments; ``end_ids`` (default: the tokenizer's EOS) all stop a row."""
-        stop = sorted(end_ids) if end_ids else tokenizer.eos_token_id
-        kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-              "repetition_penalty": self.repetition_penalty, "pad_token_id": tokenizer.pad_token_id,
-              "eos_token_id": stop, "use_cache": True}
-        if self.do_sample:
-            kw.update(temperature=self.temperature, top_p=self.top_p)
-        else:  # silence "temperature is set but do_sample=False" from the model's own generation config
-            kw.update(temperature=None, top_p=None, top_k=None)
-        return kw
-
-    @property
-    def plain_greedy(self) -> bool:
-        return not self.do_sample and self.repetition_penalty == 1.0
+from .options import DecodingOptions  # noqa: F401  (the decoding options; re-exported for callers)
 
 
 def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,9 +97,12 @@ def end_ids(model, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def generate_from_ids(model, tokenizer, prompts: list[list[int]], options: DecodingOptions,
-                      batch_size: int = 16, progress: bool = True, return_ids: bool = False) -> list:
-    """One completion per prompt (token ids), batched; decoded texts (or the generated ids,
-    EOS excluded, with ``return_ids``) in input order."""
+                      batch_size: int | None = None, progress: bool = True, return_ids: bool = False,
+                      seed: int = 0) -> list:
+    """One completion per prompt (token ids), batched (``batch_size``, default the options'); decoded
+    texts (or the generated ids, EOS excluded, with ``return_ids``) in input order. ``seed`` seeds
+    sampling."""
+    batch_size = batch_size or options.batch_size
     from tqdm.auto import tqdm
 
     if not prompts:
@@ -136,7 +113,7 @@ def generate_from_ids(model, tokenizer, prompts: list[list[int]], options: Decod
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     gen: list[list[int] | None] = [None] * len(prompts)
     if options.do_sample:
-        torch.manual_seed(options.seed)
+        torch.manual_seed(seed)
     eos = end_ids(model, tokenizer)
     try:
         for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress, leave=False):
@@ -157,10 +134,24 @@ def generate_from_ids(model, tokenizer, prompts: list[list[int]], options: Decod
 
 
 def generate_records(model, tokenizer, records: list[dict], builder, options: DecodingOptions, *,
-                     use_profile: bool = True, batch_size: int = 16, progress: bool = True) -> list[str]:
+                     use_profile: bool = True, progress: bool = True, seed: int = 0) -> list[str]:
     """Personalized (or, with ``use_profile=False``, profile-free) generations for records."""
     prompts = []
     for r in records:
         e = builder.encode(r, with_response=False)
         prompts.append(e["prompt_with"] if use_profile else e["prompt_without"])
-    return generate_from_ids(model, tokenizer, prompts, options, batch_size=batch_size, progress=progress)
+    return generate_from_ids(model, tokenizer, prompts, options, progress=progress, seed=seed)
+
+
+def generate_for(model, tok, records: list[dict], task: str, prompt_opts, options: DecodingOptions, *,
+                 use_profile: bool, seed: int = 0, progress: bool = True, stats=None) -> list[str]:
+    """Generations for ``records`` with the prompt settings of ``prompt_opts`` (a ``PromptOptions``:
+    k, retriever, max_length). Prompts get the profile budget training gives the same record;
+    ``stats`` (an ``EncodeStats``) collects how many profiles the length limit cut or removed."""
+    builder = prompt_opts.prompt_builder(tok, task, reserve_tokens=options.max_new_tokens)
+    if stats is not None:
+        builder.stats = stats
+    texts = generate_records(model, tok, records, builder, options, use_profile=use_profile,
+                             progress=progress, seed=seed)
+    builder.stats.warn()
+    return texts

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 Normalize = Literal["tokens", "weights"]
-METHODS = ("ce", "perce", "lossce", "entce")
+METHODS = ("ce", "lossce", "entce", "perce")   # the one list; tables use this order
 
 
 def clip_weights(signal: torch.Tensor, clip_min: float, clip_max: float) -> torch.Tensor:
@@ -72,11 +72,3 @@ def entce_loss(logp, mask, entropy, clip_min=0.8, clip_max=5.0, normalize: Norma
 
 
 LOSSES = {"ce": ce_loss, "perce": perce_loss, "lossce": lossce_loss, "entce": entce_loss}
-
-
-def method_weights(method: str, *, logp, pir=None, entropy=None, clip_min=0.8, clip_max=5.0):
-    """The per-token weights a method uses (ones for ce), for logging and heatmaps."""
-    if method == "ce":
-        return torch.ones_like(logp)
-    signal = {"perce": pir, "lossce": None if logp is None else -logp, "entce": entropy}[method]
-    return clip_weights(signal, clip_min, clip_max)

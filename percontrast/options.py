@@ -1,46 +1,76 @@
-"""Fields shared by the commands' config dataclasses (model, data, prompt building)."""
+"""Option groups the commands' config dataclasses share, each declared once with its help text.
+
+A command's config is a subclass of the groups it needs plus its own fields, e.g.
+``TrainConfig(ModelDataOptions, LossOptions)``, so one flag, YAML key and Python keyword
+has one declaration, one default and one validation rule everywhere. A group builds what
+it describes: ``ModelOptions.load_model()``, ``PromptOptions.prompt_builder()``.
+
+    ModelOptions      model, dtype, trust_remote_code
+    PromptOptions     task, k, retriever, max_length, seed, counterfactual_prompt
+    ModelDataOptions  the two above + data, limit (commands that read a data file)
+    LossOptions       method, clip, normalize, refresh, on_nonfinite (train, and PerCETrainer itself)
+    DecodingOptions   max_new_tokens, sampling, repetition penalty, batch size (generate, eval, compare)
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .config import field
 from .errors import UserError
+from .losses import METHODS
 from .prompts import COUNTERFACTUAL_PROMPTS, TASKS
+
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+
+
+def _parent_post_init(obj, cls) -> None:
+    # Groups are combined by multiple inheritance: each validates its own fields, then passes on.
+    parent = getattr(super(cls, obj), "__post_init__", None)
+    if parent is not None:
+        parent()
 
 
 @dataclass
-class ModelDataOptions:
+class ModelOptions:
     model: str = field("smollm2-135m", help="Model: a local checkpoint directory, a built-in name "
                        "(smollm2-135m, tiny-random) or a hub id (used as-is, needs network).")
-    data: str = field("", help="Records in the LongLaMP format: a .jsonl/.json/.parquet file, "
-                      "builtin:sample-train / builtin:sample-test, or longlamp:<config>[:split] / lamp:... specs.")
+    trust_remote_code: bool = field(False, help="Allow model repositories to run their own Python code.")
+    dtype: str = field("auto", help="Weights dtype: auto (float32), float32, bfloat16, float16, or "
+                       "float64 (slow; for exact numerical checks).", choices=DTYPES)
+
+    def __post_init__(self):
+        _parent_post_init(self, ModelOptions)
+
+    def load_model(self, device: str | None = None):
+        """(model, tokenizer) as these options describe; ``device="default"``: CUDA when there is one."""
+        from .models import default_device, load_model
+        return load_model(self.model, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                          device=default_device() if device == "default" else device)
+
+
+@dataclass
+class PromptOptions:
     task: str = field("generic", help="Prompt template: " + ", ".join(TASKS) + ".", choices=tuple(TASKS))
     k: int = field(4, help="Profile items retrieved into the prompt (top-k).")
     retriever: str = field("bm25", help="How profile items are ranked: bm25, recent, random, first, "
                            "or dense:<local encoder dir>.")
     max_length: int = field(1024, help="Max tokens of prompt + response; the profile is cut first, then "
                             "the input, and the response only with a counted warning.")
-    limit: int | None = field(None, help="Use only the first N records.")
     seed: int = field(0, help="Random seed (retrieval=random, data order, initialization).")
     counterfactual_prompt: str = field(
         "input-only", help="What the profile-free prompt removes: input-only (the profile items AND the "
         "task's instruction sentence that refers to them; the prompt is the input alone) or keep-instruction "
         "(only the items; the instruction stays, so the prompts differ in the items alone).",
         choices=COUNTERFACTUAL_PROMPTS)
-    trust_remote_code: bool = field(False, help="Allow model repositories to run their own Python code.")
-    dtype: str = field("auto", help="Weights dtype: auto (float32), float32, bfloat16, float16, or "
-                       "float64 (slow; for exact numerical checks).",
-                       choices=("auto", "float32", "bfloat16", "float16", "float64"))
 
     def __post_init__(self):
-        if not self.data:
-            raise UserError("--data is required (a records file, or builtin:sample-train)")
+        if self.task not in TASKS:
+            raise UserError(f"task: unknown task {self.task!r}; known: {', '.join(TASKS)}")
         if self.k < 0:
             raise UserError(f"k must be >= 0, got {self.k}")
         if self.max_length < 8:
             raise UserError(f"max_length must be >= 8, got {self.max_length}")
-        if self.limit is not None and self.limit < 1:
-            raise UserError(f"limit must be >= 1, got {self.limit}")
+        _parent_post_init(self, PromptOptions)
 
     def prompt_builder(self, tokenizer, task: str | None = None, **overrides):
         """The ``PromptBuilder`` these options describe (one place, so every command builds
@@ -53,6 +83,20 @@ class ModelDataOptions:
         return PromptBuilder(tokenizer, get_task(task or self.task), **kw)
 
 
+@dataclass
+class ModelDataOptions(ModelOptions, PromptOptions):
+    data: str = field("", help="Records in the LongLaMP format: a .jsonl/.json/.parquet file, "
+                      "builtin:sample-train / builtin:sample-test, or longlamp:<config>[:split] / lamp:... specs.")
+    limit: int | None = field(None, help="Use only the first N records.")
+
+    def __post_init__(self):
+        if not self.data:
+            raise UserError("--data is required (a records file, or builtin:sample-train)")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"limit must be >= 1, got {self.limit}")
+        _parent_post_init(self, ModelDataOptions)
+
+
 def check_clip(clip_min: float, clip_max: float, allow_negative: bool = False) -> None:
     if clip_min > clip_max:
         raise UserError(f"clip_min ({clip_min}) must be <= clip_max ({clip_max})")
@@ -60,3 +104,69 @@ def check_clip(clip_min: float, clip_max: float, allow_negative: bool = False) -
         raise UserError(f"clip_min {clip_min} < 0 turns negative-PIR tokens into gradient ascent; "
                         "pass --allow-negative-clip to force it")
 
+
+@dataclass
+class LossOptions:
+    """The training loss; ``PerCETrainer`` takes this object as it is (no copy of the fields)."""
+    method: str = field("perce", help="Loss: ce (plain), perce (PIR weights, the paper), lossce (weights "
+                        "from the token loss), entce (weights from predictive entropy).", choices=METHODS)
+    clip_min: float = field(0.8, help="m: lower clip of the token weights (the paper's 0.8).")
+    clip_max: float = field(5.0, help="M: upper clip of the token weights (the paper's 5.0).")
+    allow_negative_clip: bool = field(False, help="Permit clip_min < 0 (negative-PIR tokens then get "
+                                      "gradient ascent; never tried in the paper).")
+    normalize: str = field("tokens", help="Divide the weighted sum by the number of response tokens "
+                           "(tokens, the paper's -1/n) or by the sum of weights (weights).",
+                           choices=("tokens", "weights"))
+    refresh: str = field("step", help="When PerCE weights are re-estimated: every step (step, the paper's "
+                         "bootstrap), every_k (re-estimated on steps divisible by --refresh-every, each "
+                         "example's cached PIR reused in between; ours) or once (first time an example is "
+                         "seen; ours).", choices=("step", "every_k", "once"))
+    refresh_every: int = field(4, help="k for --refresh every_k.")
+    on_nonfinite: str = field("stop", help="A non-finite loss or weight stops the run (stop) or skips the "
+                              "micro-batch and counts it (skip).", choices=("stop", "skip"))
+    fast: bool = field(True, help="The fast implementation (response positions only through the LM head); "
+                       "--no-fast runs the naive reference (full logits in both passes): same numbers, slower.")
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.refresh not in ("step", "every_k", "once"):
+            raise UserError(f"refresh must be step, every_k or once, got {self.refresh!r}")
+        if self.refresh_every < 1:
+            raise UserError(f"refresh_every must be >= 1, got {self.refresh_every}")
+        check_clip(self.clip_min, self.clip_max, self.allow_negative_clip)
+        _parent_post_init(self, LossOptions)
+
+
+@dataclass
+class DecodingOptions:
+    max_new_tokens: int = field(128, help="Max tokens generated per example.")
+    do_sample: bool = field(False, help="Sample instead of greedy decoding.")
+    temperature: float = field(1.0, help="Sampling temperature (with --do-sample).")
+    top_p: float = field(1.0, help="Nucleus sampling mass (with --do-sample).")
+    repetition_penalty: float = field(1.0, help="Repetition penalty (1.0: none).")
+    batch_size: int = field(16, help="Prompts generated together (left-padded, KV cache).")
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise UserError("max_new_tokens and batch_size must be >= 1")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise UserError("need temperature > 0, 0 < top_p <= 1, repetition_penalty > 0")
+        _parent_post_init(self, DecodingOptions)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Our own batched greedy loop applies; anything else goes through ``model.generate``."""
+        return not self.do_sample and self.repetition_penalty == 1.0
+
+    def generate_kwargs(self, tokenizer, end_ids: set[int] | None = None) -> dict:
+        """``model.generate`` arguments; ``end_ids`` (default: the tokenizer's EOS) all stop a row."""
+        stop = sorted(end_ids) if end_ids else tokenizer.eos_token_id
+        kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+              "repetition_penalty": self.repetition_penalty, "pad_token_id": tokenizer.pad_token_id,
+              "eos_token_id": stop, "use_cache": True}
+        if self.do_sample:
+            kw.update(temperature=self.temperature, top_p=self.top_p)
+        else:  # silence "temperature is set but do_sample=False" from the model's own generation config
+            kw.update(temperature=None, top_p=None, top_k=None)
+        return kw

@@ -94,3 +94,36 @@ def retrieve(task: Task, query: str, profile: list[dict], k: int, method: str = 
     else:
         raise UserError(f"unknown retriever {method!r}; choose one of {', '.join(RETRIEVERS)}")
     return [profile[i] for i in order[:k]]
+
+
+def other_user_profiles(records: Sequence[dict], seed: int) -> list[list[dict]]:
+    """For each record, the profile of a record of a different user: the "another user's profile"
+    counterfactual (``score --counterfactual swap``, ``identify``'s ``pir_swap``).
+
+    A record's user is its ``user_id`` (a record without one is a user of its own). For each
+    record, a ``random.Random`` seeded with ``seed`` and the record's id picks one of the other
+    users uniformly (the users sorted by name), then one of that user's records; its profile is
+    returned. So the result is
+    deterministic by seed, the same in any process, and a record's choice does not depend on the
+    order of the records (only on which records are in ``records``: pass the whole split, not a
+    cut of it, to keep the choice independent of a ``--limit``). ``UserError`` when fewer than two
+    users are present.
+    """
+    def user(r: dict) -> str:
+        u = r.get("user_id")
+        return str(r["id"] if u is None else u)
+
+    by_user: dict[str, list[dict]] = {}
+    for r in records:
+        by_user.setdefault(user(r), []).append(r)
+    users = sorted(by_user)
+    if len(users) < 2:
+        raise UserError("needs records of at least two users (field 'user_id')")
+    index = {u: i for i, u in enumerate(users)}
+    out = []
+    for r in records:
+        rng = _random.Random(f"{seed}:{r['id']}")
+        j = rng.randrange(len(users) - 1)
+        j += j >= index[user(r)]  # skip the record's own user
+        out.append(rng.choice(by_user[users[j]])["profile"])
+    return out

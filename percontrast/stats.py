@@ -179,3 +179,67 @@ def share_boot_le_0(result: dict) -> float | None:
 def relative_gain(new: float, base: float) -> float | None:
     """Percent gain of ``new`` over ``base`` (the paper's headline); None when base is 0."""
     return None if base == 0 else 100.0 * (new - base) / base
+
+
+# ---------------------------------------------------------------- ranking and thresholds
+# Token classifiers (``percontrast identify``): a score per item, higher = more likely positive.
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, tied values sharing the mean of their ranks."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])  # start index of each run of equal values
+    ends = np.r_[starts[1:], len(xs)]
+    avg = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve: P(score of a random positive > that of a random negative), ties
+    counting 1/2 (the Mann-Whitney U statistic over n_pos x n_neg). NaN when either class is empty."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    r = _average_ranks(s)
+    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def f1_curve(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(thresholds, F1) for the rule "positive iff score >= t", t over the distinct scores, descending.
+
+    Tied scores are always on the same side of a threshold.
+    """
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[s[1:] != s[:-1], True]  # last index of each tie group
+    tp = np.cumsum(y)[last]
+    fp = np.cumsum(~y)[last]
+    n_pos = y.sum()
+    f1 = np.where(tp > 0, 2 * tp / (tp + fp + n_pos), 0.0)  # 2PR/(P+R) = 2TP/(2TP+FP+FN)
+    return s[last], f1
+
+
+def best_f1(scores, labels) -> tuple[float, float]:
+    """(best F1 over all thresholds "positive iff score >= t", that threshold); the highest
+    threshold wins ties. (NaN, NaN) without positives."""
+    y = np.asarray(labels).astype(bool)
+    if y.sum() == 0 or len(y) == 0:
+        return float("nan"), float("nan")
+    t, f1 = f1_curve(scores, labels)
+    i = int(np.argmax(f1))
+    return float(f1[i]), float(t[i])
+
+
+def f1_at(scores, labels, threshold: float) -> float:
+    """F1 of the rule "positive iff score >= threshold" (a threshold chosen elsewhere, e.g. on dev).
+    NaN without positives or with a non-finite threshold."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    if y.sum() == 0 or not np.isfinite(threshold):
+        return float("nan")
+    pred = s >= threshold
+    tp = int((pred & y).sum())
+    return 2 * tp / (int(pred.sum()) + int(y.sum()))

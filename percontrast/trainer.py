@@ -33,39 +33,26 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from transformers import Trainer
 
 from .checkpointing import AtomicCheckpointMixin
 from .errors import UserError
-from .losses import LOSSES, METHODS, clip_weights
+from .losses import LOSSES, clip_weights
+from .options import LossOptions
 from .pir import token_entropy, token_logprobs
 from .scoring import counterfactual_logp, naive_counterfactual_logp, naive_with_profile_logp, with_profile_logits
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class PerCEArgs:
-    method: str = "perce"
-    clip_min: float = 0.8
-    clip_max: float = 5.0
-    normalize: str = "tokens"
-    refresh: str = "step"          # step | every_k | once
-    refresh_every: int = 1
-    on_nonfinite: str = "stop"     # stop | skip
-    fast: bool = True              # False: naive reference (full logits, both passes); same numbers, slower
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.refresh not in ("step", "every_k", "once"):
-            raise UserError(f"refresh must be step, every_k or once, got {self.refresh!r}")
+# The trainer reads the loss options as ``TrainConfig`` declares them (options.LossOptions);
+# the old name stays for code written against it.
+PerCEArgs = LossOptions
 
 
-def refresh_label(p: PerCEArgs) -> str:
+def refresh_label(p: LossOptions) -> str:
     """How the PIR weights are refreshed, in words, so logs never pass a cheaper variant off as the paper's."""
     label = {"step": "refresh=step (every step, the paper's bootstrap)",
              "every_k": f"refresh=every_k (k={p.refresh_every}: per-example cache, ours, not the paper's)",
@@ -111,12 +98,12 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
     # compute_loss already divides by the step's token count (num_items_in_batch).
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, perce_args: PerCEArgs | None = None, example_ids: list[str] | None = None, **kwargs):
+    def __init__(self, *args, perce_args: LossOptions | None = None, example_ids: list[str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         # Count response tokens (labels != -100) for num_items_in_batch even for a model whose
         # forward has no **kwargs; compute_loss below is ours, so nothing else reads this flag.
         self.model_accepts_loss_kwargs = True
-        self.perce = perce_args or PerCEArgs()
+        self.perce = perce_args or LossOptions()
         self.example_ids = example_ids
         self._pir_cache: dict[int, torch.Tensor] = {}   # example idx -> PIR of its response tokens [n_i]
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -241,7 +228,7 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         except _SkipStep:
             return torch.tensor(0.0, device=self.args.device)
 
-    def _record(self, p: PerCEArgs, logp, mask, extra):
+    def _record(self, p: LossOptions, logp, mask, extra):
         m = mask.bool()
         if not m.any():
             return

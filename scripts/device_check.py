@@ -93,9 +93,9 @@ def compare_fast_and_naive(trainer, model, batch, tol_loss, tol_grad):
 
 
 def build(cfg_kwargs, model, tok):
-    from percontrast.data import load_records
+    from percontrast.datasets import load_records
     from percontrast.prompts import get_task
-    from percontrast.train import TrainConfig, build_trainer
+    from percontrast.commands.train import TrainConfig, build_trainer
     cfg = TrainConfig(**cfg_kwargs)
     records = load_records(cfg.data, get_task(cfg.task), limit=cfg.limit)
     trainer, _ = build_trainer(cfg, model, tok, records)

@@ -31,5 +31,5 @@ def email_task():
 
 @pytest.fixture(scope="session")
 def sample_train(email_task):
-    from percontrast.data import load_records
+    from percontrast.datasets import load_records
     return load_records("builtin:sample-train", email_task)

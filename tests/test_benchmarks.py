@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from percontrast import benchmarks as bm
+from percontrast.datasets import longlamp as bm
 from percontrast.errors import DataError, UserError
-from percontrast.prepare import PrepareConfig, run
+from percontrast.commands.prepare import PrepareConfig, run
 
 FIX = Path(__file__).parent / "fixtures" / "corpora"
 
@@ -60,8 +60,13 @@ def test_longlamp_local_layouts(tmp_path, fmt):
     assert recs[2]["output"] == "The kettle number 2 boils fast and looks fine on the counter."
     assert recs[2]["profile"][1] == {"overall": "5.0", "summary": "Great 2-1", "description": "A lamp",
                                      "reviewText": "Bright lamp 2-1, works well."}  # kept exactly as published
-    # the spec form used by data.load_records goes through the same path
+    # the spec form used by datasets.load_records goes through the same path
     assert bm.load(f"longlamp:product_review_user:test@{tmp_path}") == recs
+    if fmt == "jsonl":  # and the front door itself (it moved from data.py to percontrast.datasets)
+        from percontrast.datasets import load_records
+        from percontrast.prompts import get_task
+        got = load_records(f"longlamp:product_review_user:test@{tmp_path}", get_task("product_review"), limit=2)
+        assert [r["id"] for r in got] == [r["id"] for r in recs[:2]]
 
 
 def test_longlamp_jsonl_keeps_records_with_unicode_line_separators(tmp_path):

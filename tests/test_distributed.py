@@ -148,10 +148,10 @@ def test_ce_loss_equals_the_stock_trainer(tmp_path):
     count of a larger (accumulated / multi-process) step."""
     from transformers import Trainer
 
-    from percontrast.data import load_records
+    from percontrast.datasets import load_records
     from percontrast.models import load_model
     from percontrast.prompts import get_task
-    from percontrast.train import TrainConfig, build_trainer
+    from percontrast.commands.train import TrainConfig, build_trainer
 
     cfg = TrainConfig(model="tiny-random", data=str(write_records(tmp_path / "t.jsonl", n=4)), task="generic",
                       method="ce", batch_size=4, max_length=192, output_dir=str(tmp_path / "o"), progress=False)

@@ -7,13 +7,14 @@ import pytest
 
 from percontrast import cli
 from percontrast.errors import UserError
-from percontrast.evaluate import EvalConfig, align_predictions, read_predictions, run
+from percontrast.commands.evaluate import EvalConfig, run
+from percontrast.data import align_predictions, read_predictions
 
 SAMPLE = "builtin:sample-test"
 
 
 def _gold_ids(n=None):
-    from percontrast.data import load_records
+    from percontrast.datasets import load_records
     from percontrast.prompts import get_task
     return [r["id"] for r in load_records(SAMPLE, get_task("email"), limit=n)]
 
@@ -53,7 +54,7 @@ def test_align_reports_every_bad_id_in_one_error():
 
 
 def test_score_predictions_file_empty_scores_zero(tmp_path):
-    from percontrast.data import load_records
+    from percontrast.datasets import load_records
     from percontrast.prompts import get_task
     recs = load_records(SAMPLE, get_task("email"))
     golds = [{"id": r["id"], "output": r["output"]} for r in recs]

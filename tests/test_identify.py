@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from percontrast import identify as I
+from percontrast import stats
+from percontrast.commands import identify as I
 from percontrast.errors import DataError, UserError
+from percontrast.retrieval import other_user_profiles
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +27,13 @@ def _auroc_pairs(s, y):
 
 
 def test_auroc_hand_cases():
-    assert I.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert stats.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
     # ties count one half: pos {2, 1} vs neg {1, 0} -> (1 + 1 + 0.5 + 1) / 4
-    assert I.auroc([2, 1, 1, 0], [1, 1, 0, 0]) == pytest.approx(0.875)
-    assert I.auroc([1, 1, 0, 0], [1, 0, 1, 0]) == pytest.approx(0.5)
-    assert I.auroc([5, 5, 5], [1, 0, 0]) == pytest.approx(0.5)
-    assert I.auroc([0, 1], [1, 0]) == 0.0
-    assert np.isnan(I.auroc([1, 2], [1, 1]))
+    assert stats.auroc([2, 1, 1, 0], [1, 1, 0, 0]) == pytest.approx(0.875)
+    assert stats.auroc([1, 1, 0, 0], [1, 0, 1, 0]) == pytest.approx(0.5)
+    assert stats.auroc([5, 5, 5], [1, 0, 0]) == pytest.approx(0.5)
+    assert stats.auroc([0, 1], [1, 0]) == 0.0
+    assert np.isnan(stats.auroc([1, 2], [1, 1]))
 
 
 def test_auroc_equals_pairwise_count_with_many_ties():
@@ -40,24 +42,28 @@ def test_auroc_equals_pairwise_count_with_many_ties():
         s = rng.integers(0, 4, 30).astype(float)  # heavy ties
         y = rng.random(30) < 0.4
         if 0 < y.sum() < 30:
-            assert I.auroc(s, y) == pytest.approx(_auroc_pairs(s, y))
+            assert stats.auroc(s, y) == pytest.approx(_auroc_pairs(s, y))
 
 
 def test_best_f1_hand_case():
     # thresholds 0.9..0.5 give F1 = 2TP/(2TP+FP+FN): 0.5, 0.4, 0.667, 0.857, 0.75
-    t, f1 = I.f1_curve([0.9, 0.8, 0.7, 0.6, 0.5], [1, 0, 1, 1, 0])
+    t, f1 = stats.f1_curve([0.9, 0.8, 0.7, 0.6, 0.5], [1, 0, 1, 1, 0])
     assert t.tolist() == [0.9, 0.8, 0.7, 0.6, 0.5]
     assert f1 == pytest.approx([0.5, 0.4, 4 / 6, 6 / 7, 0.75])
-    assert I.best_f1([0.9, 0.8, 0.7, 0.6, 0.5], [1, 0, 1, 1, 0]) == pytest.approx((6 / 7, 0.6))
+    assert stats.best_f1([0.9, 0.8, 0.7, 0.6, 0.5], [1, 0, 1, 1, 0]) == pytest.approx((6 / 7, 0.6))
 
 
 def test_f1_keeps_ties_on_one_side():
     # Splitting the tie at 1 would give 2/3; with ties kept together: t=1 -> 0.5, t=0 -> 0.8.
-    assert I.best_f1([1, 1, 0], [1, 0, 1]) == pytest.approx((0.8, 0.0))
-    assert I.best_f1([1, 1, 0], [0, 1, 1]) == pytest.approx((0.8, 0.0))
-    assert I.f1_at([1, 1, 0], [1, 0, 1], 1.0) == pytest.approx(0.5)
-    assert I.f1_at([1, 1, 0], [1, 0, 1], 2.0) == 0.0
-    assert np.isnan(I.best_f1([1, 2], [0, 0])[0])
+    assert stats.best_f1([1, 1, 0], [1, 0, 1]) == pytest.approx((0.8, 0.0))
+    assert stats.best_f1([1, 1, 0], [0, 1, 1]) == pytest.approx((0.8, 0.0))
+    assert stats.f1_at([1, 1, 0], [1, 0, 1], 1.0) == pytest.approx(0.5)
+    assert stats.f1_at([1, 1, 0], [1, 0, 1], 2.0) == 0.0
+    assert np.isnan(stats.best_f1([1, 2], [0, 0])[0])
+
+
+def test_identify_uses_the_stats_helpers():
+    assert (I.auroc, I.best_f1, I.f1_at) == (stats.auroc, stats.best_f1, stats.f1_at)
 
 
 def test_evaluate_groups_each_kind_against_generic_only():
@@ -139,16 +145,34 @@ def test_word_match_uses_the_whole_word_and_strips_punctuation(tok):
                               [{"title": "Hi", "text": "LISBON, rocks!"}]) == {"hi", "lisbon", "rocks"}
 
 
-def test_other_profiles_deterministic_never_own():
+def test_other_user_profiles_deterministic_never_own():
     recs = [{"id": f"r{i}", "user_id": f"u{i % 3}", "profile": [{"title": f"t{i % 3}", "text": "x"}]}
             for i in range(9)]
-    a, b = I.other_profiles(recs, 0), I.other_profiles(recs, 0)
-    assert a == b
-    for r in recs:
-        assert a[r["id"]] != r["profile"]
-    assert any(I.other_profiles(recs, s) != a for s in range(1, 5))
-    with pytest.raises(UserError):
-        I.other_profiles(recs[:1], 0)
+    a, b = other_user_profiles(recs, 0), other_user_profiles(recs, 0)
+    assert a == b and len(a) == len(recs)
+    for r, other in zip(recs, a):
+        assert other != r["profile"]
+    assert any(other_user_profiles(recs, s) != a for s in range(1, 5))
+    # a record's choice does not depend on the order of the records
+    assert other_user_profiles(recs[::-1], 0) == a[::-1]
+    with pytest.raises(UserError, match="at least two users"):
+        other_user_profiles(recs[:1], 0)
+    with pytest.raises(UserError, match="at least two users"):
+        other_user_profiles([{**r, "user_id": "same"} for r in recs], 0)
+
+
+def test_synthetic_split_names_and_old_dev_folder(tmp_path):
+    """The generator writes train/val/test; a folder prepared before the rename (dev.jsonl) still loads."""
+    from percontrast.datasets.synthetic import prepare_synthetic
+    d = tmp_path / "d"
+    prepare_synthetic(d, seed=1, n_personas=10)
+    val, test = I.load_data(I.IdentifyConfig(data=str(d)))
+    assert val and test and {r["user_id"] for r in val}.isdisjoint(r["user_id"] for r in test)
+    (d / "val.jsonl").rename(d / "dev.jsonl")
+    assert I.load_data(I.IdentifyConfig(data=str(d))) == (val, test)
+    (d / "dev.jsonl").unlink()
+    with pytest.raises(DataError, match="val.jsonl or dev.jsonl"):
+        I.load_data(I.IdentifyConfig(data=str(d)))
 
 
 def test_config_validation():
@@ -202,7 +226,7 @@ def test_run_end_to_end_tiny(tmp_path):
 
 
 def test_run_reads_a_prepared_folder_and_rejects_missing_spans(tmp_path):
-    from percontrast.synthetic import prepare_synthetic
+    from percontrast.datasets.synthetic import prepare_synthetic
     prepare_synthetic(tmp_path / "d", seed=1, n_personas=10)
     res = I.run(I.IdentifyConfig(model="tiny-random", data=str(tmp_path / "d"), limit=3, bootstrap=0,
                                  batch_size=4, output_dir=str(tmp_path / "o")))
@@ -240,7 +264,7 @@ def test_run_loads_the_model_with_dtype_and_trust_remote_code(tmp_path, monkeypa
          "--output-dir", str(tmp_path / "o")]))
     with pytest.raises(Loaded):
         I.run(cfg)
-    assert calls == [("some/model", {"dtype": "bfloat16", "trust_remote_code": True})]
+    assert calls == [("some/model", {"dtype": "bfloat16", "trust_remote_code": True, "device": None})]
 
 
 def test_config_drives_cli_flags():

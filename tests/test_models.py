@@ -118,7 +118,7 @@ def test_demo_loads_the_model_with_dtype_and_trust_remote_code(tmp_path, monkeyp
     import argparse
 
     from percontrast import config as C
-    from percontrast import demo
+    from percontrast.commands import demo
 
     class Loaded(Exception):
         pass
@@ -136,17 +136,17 @@ def test_demo_loads_the_model_with_dtype_and_trust_remote_code(tmp_path, monkeyp
         ["--model", "some/model", "--dtype", "float16", "--trust-remote-code", "--output-dir", str(tmp_path / "d")]))
     with pytest.raises(Loaded):
         demo.run(cfg)
-    assert calls == [("some/model", {"dtype": "float16", "trust_remote_code": True})]
+    assert calls == [("some/model", {"dtype": "float16", "trust_remote_code": True, "device": None})]
 
 
 @pytest.mark.slow
 def test_smollm2_profile_raises_likelihood_of_personal_sample():
     """With the real 135M model the user's profile makes their held-out messages more likely
     on average (mean PIR > 0): the signal PerCE builds on is there before any training."""
-    from percontrast.data import load_records
+    from percontrast.datasets import load_records
     from percontrast.encoding import PromptBuilder
     from percontrast.prompts import get_task
-    from percontrast.score import score_records
+    from percontrast.commands.score import score_records
 
     model, tok = models.load_model("smollm2-135m")
     task = get_task("email")

@@ -141,7 +141,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(data, reference
 
 def test_resume_skips_an_incomplete_checkpoint_folder(data, tmp_path):
     """A checkpoint-N without trainer_state.json (e.g. written by another tool) is never resumed from."""
-    from percontrast.train import latest_checkpoint
+    from percontrast.checkpointing import latest_checkpoint
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-10").mkdir()              # incomplete, higher step

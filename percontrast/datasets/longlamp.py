@@ -21,7 +21,7 @@ tasks 4 (news headline; profile ``title``, ``text``), 5 (scholarly title; ``titl
 ``abstract``) and 7 (tweet paraphrase; ``text``). Golds are joined by id; ids missing,
 extra or duplicated on either side are one error that lists them.
 
-Specs (``data.load_records`` passes them here): ``longlamp:<config>[:<split>][@<dir>]``
+Specs (``datasets.load_records`` passes them here): ``longlamp:<config>[:<split>][@<dir>]``
 (split defaults to ``test``; ``@<dir>`` or ``$PERCONTRAST_LONGLAMP_DIR`` reads local
 files instead of the hub) and ``lamp:<questions.json>[:<outputs.json>]`` (the outputs file
 defaults to the questions file's name with ``questions`` replaced by ``outputs``).
@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .data import read_jsonl
-from .errors import DataError, UserError
-from .hub import hub_host, hub_reachable, offline_mode
+from ..data import read_jsonl
+from ..errors import DataError, UserError
+from ..hub import hub_host, hub_reachable, offline_mode
 
 HUB_ID = "LongLaMP/LongLaMP"
 LONGLAMP_TASKS = ("abstract_generation", "product_review", "topic_writing")

@@ -1,6 +1,6 @@
 """Personal-token identification: score token classifiers against labelled spans.
 
-Records carry ``spans`` (see ``synthetic.py``). A response token is personal when its
+Records carry ``spans`` (see ``datasets/synthetic.py``). A response token is personal when its
 character span overlaps a labelled span (offsets of the response tokenized on its own,
 exactly as ``PromptBuilder.response_ids`` does; the appended EOS is not scored); its
 kind is the span's kind. Signals, each "higher = more personal":
@@ -13,8 +13,10 @@ kind is the span's kind. Signals, each "higher = more personal":
 * ``loss``: -log p(y|p_u,x) (the LossCE signal); ``entropy``: predictive entropy (EntCE).
 * ``random``: seeded uniform noise.
 
-Metrics per signal: AUROC, best F1 over thresholds, and F1 at the threshold that was best
-on dev, applied to test; overall (personal vs generic) and per kind (that kind vs generic).
+Metrics per signal (``percontrast.stats``): AUROC, best F1 over thresholds, and F1 at the
+threshold that was best on the validation split (``val``; "dev" in the metric names and
+``--dev-limit``), applied to test; overall (personal vs generic) and per kind (that kind vs
+generic). The other user's profile is ``retrieval.other_user_profiles`` over the whole split.
 Bootstrap 95% intervals resample test records. The same metrics are also computed per
 whitespace word (max of the word's token scores), since PIR tends to mark only the first
 piece of a multi-token word. Per-token scores go to ``scores.jsonl`` for further analysis.
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import re
 import time
 from dataclasses import dataclass
@@ -31,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import field
-from .errors import DataError, UserError
-from .models import model_option
-from .synthetic import KINDS, norm_word
+from ..config import field
+from ..datasets.synthetic import KINDS, norm_word
+from ..errors import DataError, UserError
+from ..options import ModelOptions, PromptOptions
+from ..stats import auroc, best_f1, f1_at
 
 logger = logging.getLogger(__name__)
 
@@ -50,100 +52,32 @@ GROUPS = ("overall",) + KINDS
 
 
 @dataclass
-class IdentifyConfig:
-    model: str = field("smollm2-135m", help="Model: built-in name, local checkpoint or LoRA output directory.")
-    data: str = field("synthetic", help="A folder with dev.jsonl (or val.jsonl) and test.jsonl whose records "
-                      "carry 'spans', or 'synthetic' to generate the benchmark in memory with --seed.")
+class IdentifyConfig(ModelOptions, PromptOptions):
+    # The synthetic benchmark is written as email: the one option whose default differs here.
     task: str = field("email", help="Prompt template (the synthetic benchmark uses email).")
-    k: int = field(4, help="Profile items retrieved into the prompt.")
-    retriever: str = field("bm25", help="How profile items are ranked (bm25, recent, random, first).")
+    data: str = field("synthetic", help="A folder with val.jsonl (older prepared folders: dev.jsonl) and "
+                      "test.jsonl whose records carry 'spans', or 'synthetic' to generate the benchmark in memory "
+                      "with --seed.")
     batch_size: int = field(8, help="Records per forward batch.")
-    max_length: int = field(1024, help="Max tokens of prompt + response.")
-    seed: int = field(0, help="Seed: synthetic data, the other-user choice, the random signal, the bootstrap.")
     n_personas: int = field(200, help="Personas when --data synthetic (60/20/20 split by persona).")
     limit: int | None = field(None, help="Use only the first N test records.")
     dev_limit: int | None = field(None, help="Use only the first N dev records (default: --limit).")
     bootstrap: int = field(200, help="Bootstrap resamples of test records for 95 percent intervals (0: none).")
     output_dir: str = field("runs/identify", help="Where identify.json and identify.md go.")
-    dtype: str = model_option("dtype")
-    trust_remote_code: bool = model_option("trust_remote_code")
 
     def __post_init__(self):
-        from .prompts import TASKS
-        if self.task not in TASKS:
-            raise UserError(f"task: unknown task {self.task!r}; known: {', '.join(TASKS)}")
+        super().__post_init__()   # model and prompt options (task, k >= 0, max_length)
         for name in ("batch_size", "n_personas"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.k < 1:
             raise UserError(f"k must be >= 1 (no profile, nothing to identify), got {self.k}")
-        if self.max_length < 8:
-            raise UserError(f"max_length must be >= 8, got {self.max_length}")
         for name in ("limit", "dev_limit"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise UserError(f"{name} must be >= 1, got {v}")
         if self.bootstrap < 0:
             raise UserError(f"bootstrap must be >= 0, got {self.bootstrap}")
-
-
-# ----------------------------------------------------------------------------- metrics
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks, tied values sharing the mean of their ranks."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    # start index of each run of equal values
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
-    ends = np.r_[starts[1:], len(xs)]
-    avg = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
-    ranks = np.empty(len(x))
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
-
-
-def auroc(scores, labels) -> float:
-    """P(score of a random positive > that of a random negative), ties counting 1/2 (Mann-Whitney U)."""
-    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
-    n1, n0 = int(y.sum()), int((~y).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    r = _average_ranks(s)
-    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def f1_curve(scores, labels) -> tuple[np.ndarray, np.ndarray]:
-    """(thresholds, F1) for the rule "personal iff score >= t", t over the distinct scores, descending.
-
-    Tied scores are always on the same side of a threshold.
-    """
-    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last = np.r_[s[1:] != s[:-1], True]  # last index of each tie group
-    tp = np.cumsum(y)[last]
-    fp = np.cumsum(~y)[last]
-    n_pos = y.sum()
-    f1 = np.where(tp > 0, 2 * tp / (tp + fp + n_pos), 0.0)  # 2PR/(P+R) = 2TP/(2TP+FP+FN)
-    return s[last], f1
-
-
-def best_f1(scores, labels) -> tuple[float, float]:
-    """(best F1, its threshold); the highest threshold wins ties. NaN without positives."""
-    y = np.asarray(labels).astype(bool)
-    if y.sum() == 0 or len(y) == 0:
-        return float("nan"), float("nan")
-    t, f1 = f1_curve(scores, labels)
-    i = int(np.argmax(f1))
-    return float(f1[i]), float(t[i])
-
-
-def f1_at(scores, labels, threshold: float) -> float:
-    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
-    if y.sum() == 0 or not np.isfinite(threshold):
-        return float("nan")
-    pred = s >= threshold
-    tp = int((pred & y).sum())
-    return 2 * tp / (int(pred.sum()) + int(y.sum()))
 
 
 # ----------------------------------------------------------------------------- labels
@@ -186,7 +120,7 @@ def word_match(output: str, offsets: list[tuple[int, int]], profile_words: set[s
 
 
 def profile_word_set(task, items: list[dict]) -> set[str]:
-    from .retrieval import item_text
+    from ..retrieval import item_text
     return {norm_word(w) for it in items for w in item_text(task, it).split()} - {""}
 
 
@@ -206,21 +140,6 @@ def check_spans(records: list[dict], source: str) -> None:
                                 record=r["id"], field=f"spans[{i}].kind")
 
 
-def other_profiles(records: list[dict], seed: int) -> dict[str, list[dict]]:
-    """record id -> the profile of another user among ``records``, chosen by seed (same for any limit)."""
-    profiles: dict[str, list[dict]] = {}
-    for r in records:
-        profiles.setdefault(str(r.get("user_id", r["id"])), r["profile"])
-    users = sorted(profiles)
-    if len(users) < 2:
-        raise UserError("the other-user intervention needs records from at least two users")
-    out = {}
-    for r in records:
-        own = str(r.get("user_id", r["id"]))
-        out[r["id"]] = profiles[random.Random(f"{seed}:{r['id']}").choice([u for u in users if u != own])]
-    return out
-
-
 # ----------------------------------------------------------------------------- scoring
 def score_split(model, tokenizer, builder, records: list[dict], batch_size: int, seed: int,
                 device: str = "cpu", pool: list[dict] | None = None) -> list[dict]:
@@ -229,11 +148,13 @@ def score_split(model, tokenizer, builder, records: list[dict], batch_size: int,
     The other user's profile comes from ``pool`` (default ``records``): the whole split, so that
     a ``limit`` does not shrink the choice of other users.
     """
-    from .encoding import PairedCollator
-    from .scoring import counterfactual_logp, score_batch
+    from ..encoding import PairedCollator
+    from ..retrieval import other_user_profiles
+    from ..scoring import counterfactual_logp, score_batch
 
     collate = PairedCollator(tokenizer.pad_token_id)
-    others = other_profiles(pool if pool is not None else records, seed)
+    pool = pool if pool is not None else records
+    others = dict(zip((r["id"] for r in pool), other_user_profiles(pool, seed)))
     out = []
     for b0 in range(0, len(records), batch_size):
         chunk = records[b0:b0 + batch_size]
@@ -370,7 +291,7 @@ def markdown(result: dict) -> str:
 
 
 def _load_split(folder: Path, names: tuple[str, ...], task) -> list[dict]:
-    from .data import load_records
+    from ..datasets import load_records
     for n in names:
         p = folder / n
         if p.exists():
@@ -381,37 +302,38 @@ def _load_split(folder: Path, names: tuple[str, ...], task) -> list[dict]:
 
 
 def load_data(cfg: IdentifyConfig) -> tuple[list[dict], list[dict]]:
-    """The full dev and test splits (``run`` applies the limits)."""
-    from .prompts import get_task
+    """The full threshold-picking split (``val``; called dev in the metrics and ``--dev-limit``) and the
+    test split (``run`` applies the limits)."""
+    from ..prompts import get_task
     if cfg.data == "synthetic":
-        from .synthetic import generate
+        from ..datasets.synthetic import generate
         splits = generate(seed=cfg.seed, n_personas=cfg.n_personas)
-        return splits["dev"], splits["test"]
+        return splits["val"], splits["test"]
     folder = Path(cfg.data)
     if not folder.is_dir():
-        raise UserError(f"data: {folder} is not a folder (give a folder with dev.jsonl and test.jsonl, "
+        raise UserError(f"data: {folder} is not a folder (give a folder with val.jsonl and test.jsonl, "
                         f"or 'synthetic')")
     task = get_task(cfg.task)
-    return _load_split(folder, ("dev.jsonl", "val.jsonl"), task), _load_split(folder, ("test.jsonl",), task)
+    # val.jsonl is the split name every preparer writes. Folders prepared before the synthetic
+    # benchmark switched from train/dev/test to train/val/test hold dev.jsonl instead: still read it,
+    # when there is no val.jsonl, so that existing prepared folders keep working.
+    return _load_split(folder, ("val.jsonl", "dev.jsonl"), task), _load_split(folder, ("test.jsonl",), task)
 
 
 def run(cfg: IdentifyConfig) -> dict:
     """Score dev and test, compute the metrics, write ``identify.json`` and ``identify.md``."""
     import torch
 
-    from .data import write_text_atomic
-    from .encoding import PromptBuilder
-    from .models import default_device, load_model
-    from .prompts import get_task
-    from .runinfo import run_info
+    from ..files import write_text_atomic
+    from ..models import default_device
+    from ..runinfo import run_info
 
     t0 = time.perf_counter()
     dev, test = load_data(cfg)
-    model, tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    model, tok = cfg.load_model()
     device = default_device()
     model.to(device).eval()
-    builder = PromptBuilder(tok, get_task(cfg.task), k=cfg.k, retriever=cfg.retriever,
-                            max_length=cfg.max_length, seed=cfg.seed)
+    builder = cfg.prompt_builder(tok)
     dev_limit = cfg.dev_limit if cfg.dev_limit is not None else cfg.limit
     with torch.no_grad():
         scored = {name: score_split(model, tok, builder, recs[:lim], cfg.batch_size, cfg.seed, device, pool=recs)

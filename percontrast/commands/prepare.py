@@ -1,28 +1,28 @@
 """``percontrast data prepare NAME --out DIR``: build a dataset folder.
 
 Every preparer writes ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (records in our
-format), ``meta.json`` (task, counts, settings) and ``DATASHEET.md`` into a temp folder
-next to ``--out``; ``run`` renames it into place only when everything succeeded, so an
-interrupted or failed run never leaves a half-written dataset (and never touches an
+format; the published benchmarks write the splits they have), ``meta.json`` (task, counts,
+settings) and ``DATASHEET.md`` into a temp folder next to ``--out``
+(``files.building_dir``); ``run`` renames it into place only when everything succeeded, so
+an interrupted or failed run never leaves a half-written dataset (and never touches an
 existing one unless ``--overwrite``).
 
-Preparers live in ``PREPARERS`` (name -> ``fn(cfg, tmp_dir) -> counts``); other modules
-add theirs with ``register_preparer``. ``synthetic`` is looked up lazily in
-``percontrast.synthetic.prepare_synthetic(out_dir, seed, ...)``.
+Preparers live in ``PREPARERS`` (name -> ``fn(cfg, tmp_dir) -> counts``), all registered the
+same way, with ``register_preparer``: ``email``, ``sotu``, ``synthetic``, ``longlamp``,
+``lamp``. Each imports its module in ``percontrast.datasets`` when it runs, so listing them
+costs nothing.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import field
-from .errors import UserError
+from ..config import field
+from ..errors import UserError
+from ..files import building_dir, write_jsonl_atomic, write_text_atomic
 
 Preparer = Callable[["PrepareConfig", Path], dict]
 PREPARERS: dict[str, Preparer] = {}
@@ -73,10 +73,10 @@ class PrepareConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise UserError(f"{f}: expected an integer >= 0, got {v!r}")
         kind = self.kind
-        if kind not in PREPARERS and kind != "synthetic":
-            raise UserError(f"unknown dataset {self.name!r}; known: {', '.join(sorted(set(PREPARERS) | {'synthetic'}))}")
+        if kind not in PREPARERS:
+            raise UserError(f"unknown dataset {self.name!r}; known: {', '.join(sorted(PREPARERS))}")
         if kind == "longlamp":
-            from .benchmarks import parse_longlamp_spec
+            from ..datasets.longlamp import parse_longlamp_spec
             parse_longlamp_spec(self.name, default_split=None, split_kind=self.split)
 
     @property
@@ -99,66 +99,32 @@ def run(cfg: PrepareConfig) -> dict:
         raise UserError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
         raise UserError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
-    preparer = PREPARERS.get(cfg.kind) or _lazy_preparer(cfg.kind)
-    parent = out.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp-"))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700; the result should look like any new folder
-    try:
+    preparer = PREPARERS.get(cfg.kind)
+    if preparer is None:
+        raise UserError(f"unknown dataset {cfg.name!r}; known: {', '.join(sorted(PREPARERS))}")
+    # The folder appears whole or not at all: filled in a temp folder beside ``out``, renamed into
+    # place on success (an existing ``out``, checked above, is swapped out), deleted on any error.
+    with building_dir(out) as tmp:
         counts = preparer(cfg, tmp)
         missing = [n for n in ("DATASHEET.md",) if not (tmp / n).is_file()]
         if missing:
             raise RuntimeError(f"preparer {cfg.kind!r} did not write {', '.join(missing)}")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     counts = dict(counts)
     counts["seconds"] = round(time.time() - t0, 2)
     counts["out"] = str(out)
     return counts
 
 
-def _lazy_preparer(kind: str) -> Preparer:
-    if kind == "synthetic":
-        try:
-            from .synthetic import prepare_synthetic  # written by another module; optional
-        except ImportError as e:
-            raise UserError(f"the synthetic dataset is not available in this build ({e})") from None
-
-        def prep(cfg: PrepareConfig, tmp: Path) -> dict:
-            res = prepare_synthetic(tmp, seed=cfg.seed)
-            if not (tmp / "DATASHEET.md").exists():
-                (tmp / "DATASHEET.md").write_text("# Synthetic dataset\n\nSee percontrast/synthetic.py.\n",
-                                                  encoding="utf-8")
-            counts = dict(res) if isinstance(res, dict) else {}
-            for s in ("train", "val", "test"):
-                p = tmp / f"{s}.jsonl"
-                if s not in counts and p.exists():
-                    counts[s] = sum(1 for line in p.open(encoding="utf-8") if line.strip())
-            return counts
-        return prep
-    raise UserError(f"unknown dataset {kind!r}; known: {', '.join(sorted(PREPARERS))}")
-
-
 # ----------------------------------------------------------------------------- corpora
 def _split_options(cfg: PrepareConfig, holdout_default: int):
-    from .corpora import SplitOptions
+    from ..datasets.splits import SplitOptions
     return SplitOptions(split=cfg.split, seed=cfg.seed, holdout_groups=cfg.holdout or holdout_default,
                         max_users=cfg.max_users, max_examples_per_user=cfg.max_examples_per_user,
                         max_profile_items=cfg.max_profile_items, max_examples=cfg.max_examples)
 
 
 def _check_leaks(splits: dict) -> None:
-    from .corpora import find_leaks
+    from ..datasets.splits import find_leaks
     leaks = find_leaks(splits)
     if leaks:  # remove_leaks should make this impossible; refuse to write a leaky set
         raise RuntimeError(f"held-out text leaked ({len(leaks)}): {leaks[0]}")
@@ -202,8 +168,8 @@ def _datasheet(title: str, source_md: str, rules: str, cfg: PrepareConfig, opt, 
 
 @register_preparer("email")
 def prepare_email(cfg: PrepareConfig, tmp: Path) -> dict:
-    from .corpora import build_splits, write_dataset
-    from .corpora import email as em
+    from ..datasets.splits import build_splits, write_dataset
+    from ..datasets import email as em
     source = em.resolve_source(cfg.source)
     max_words = cfg.max_output_words or 300
     items, load_counts = em.load_items(source, max_words=max_words, min_user_items=cfg.min_user_items)
@@ -228,8 +194,8 @@ def prepare_email(cfg: PrepareConfig, tmp: Path) -> dict:
 
 @register_preparer("sotu")
 def prepare_sotu(cfg: PrepareConfig, tmp: Path) -> dict:
-    from .corpora import build_splits, write_dataset
-    from .corpora import sotu
+    from ..datasets.splits import build_splits, write_dataset
+    from ..datasets import sotu
     items, load_counts = sotu.load_items(cfg.source, max_words=cfg.max_output_words or 200)
     opt = _split_options(cfg, 1)
     splits, report = build_splits(items, opt, id_prefix="sotu")
@@ -248,6 +214,14 @@ def prepare_sotu(cfg: PrepareConfig, tmp: Path) -> dict:
                                "filtered": load_counts, "split_report": report})
 
 
+@register_preparer("synthetic")
+def prepare_synthetic(cfg: PrepareConfig, tmp: Path) -> dict:
+    """The labelled personal-token benchmark (``datasets/synthetic.py``): made from templates, no
+    download; split by persona into train/val/test. Only ``seed`` applies."""
+    from ..datasets import synthetic
+    return synthetic.prepare_synthetic(tmp, seed=cfg.seed)
+
+
 # ----------------------------------------------------------------------------- benchmarks
 def _cap_records(recs: list[dict], cfg: PrepareConfig) -> list[dict]:
     if cfg.max_examples:
@@ -259,28 +233,26 @@ def _cap_records(recs: list[dict], cfg: PrepareConfig) -> list[dict]:
 
 def _write_benchmark(tmp: Path, splits: dict[str, list[dict]], task: str, title: str, source_md: str,
                      cfg: PrepareConfig, fields: tuple[str, ...]) -> dict:
-    from .corpora import datasheet_table, split_stats
+    from ..datasets.splits import datasheet_table, split_stats
     for s, recs in splits.items():
-        with open(tmp / f"{s}.jsonl", "w", encoding="utf-8", newline="\n") as f:
-            for r in recs:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        write_jsonl_atomic(tmp / f"{s}.jsonl", recs)
     full = {s: splits.get(s, []) for s in ("train", "val", "test")}
     stats = split_stats(full, fields)
     counts = {"task": task, **{s: len(v) for s, v in full.items()},
               "users": {s: stats[s]["users"] for s in full}}
-    (tmp / "meta.json").write_text(json.dumps({"dataset": cfg.name, "settings": _settings(cfg), **counts},
-                                              indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_text_atomic(tmp / "meta.json", json.dumps({"dataset": cfg.name, "settings": _settings(cfg), **counts},
+                                                    indent=2, sort_keys=True) + "\n")
     written = ", ".join(f"`{s}.jsonl`" for s in splits)
-    (tmp / "DATASHEET.md").write_text(
-        f"# {title}\n\n{source_md}\n\nFiles written: {written} (published splits as they are; the caps "
-        f"`max_examples` and `max_profile_items` keep the first rows / items in published order).\n\n"
-        f"## Counts\n\n{datasheet_table(stats)}\n", encoding="utf-8")
+    sheet = (f"# {title}\n\n{source_md}\n\nFiles written: {written} (published splits as they are; the caps "
+             f"`max_examples` and `max_profile_items` keep the first rows / items in published order).\n\n"
+             f"## Counts\n\n{datasheet_table(stats)}\n")
+    write_text_atomic(tmp / "DATASHEET.md", sheet)
     return counts
 
 
 @register_preparer("longlamp")
 def prepare_longlamp(cfg: PrepareConfig, tmp: Path) -> dict:
-    from . import benchmarks as bm
+    from ..datasets import longlamp as bm
     spec = bm.parse_longlamp_spec(cfg.name, default_split=None, split_kind=cfg.split)
     source = cfg.source or spec.source
     splits = {}
@@ -296,7 +268,7 @@ def prepare_longlamp(cfg: PrepareConfig, tmp: Path) -> dict:
 
 @register_preparer("lamp")
 def prepare_lamp(cfg: PrepareConfig, tmp: Path) -> dict:
-    from . import benchmarks as bm
+    from ..datasets import longlamp as bm
     if not cfg.source:
         raise UserError("lamp: pass --source (a LaMP task folder with train_questions.json, train_outputs.json, "
                         "dev_questions.json, dev_outputs.json, or one *_questions.json file)")

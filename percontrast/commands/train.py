@@ -15,28 +15,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import field
-from .errors import UserError
-from .losses import METHODS
-from .options import ModelDataOptions, check_clip
+from ..config import field
+from ..errors import UserError
+from ..options import LossOptions, ModelDataOptions
 
 
 @dataclass
-class TrainConfig(ModelDataOptions):
-    method: str = field("perce", help="Loss: ce (plain), perce (PIR weights, the paper), lossce (weights "
-                        "from the token loss), entce (weights from predictive entropy).", choices=METHODS)
-    clip_min: float = field(0.8, help="m: lower clip of the token weights (the paper's 0.8).")
-    clip_max: float = field(5.0, help="M: upper clip of the token weights (the paper's 5.0).")
-    allow_negative_clip: bool = field(False, help="Permit clip_min < 0 (negative-PIR tokens then get "
-                                      "gradient ascent; never tried in the paper).")
-    normalize: str = field("tokens", help="Divide the weighted sum by the number of response tokens "
-                           "(tokens, the paper's -1/n) or by the sum of weights (weights).",
-                           choices=("tokens", "weights"))
-    refresh: str = field("step", help="When PerCE weights are re-estimated: every step (step, the paper's "
-                         "bootstrap), every_k (re-estimated on steps divisible by --refresh-every, each example's cached "
-                         "PIR reused in between; ours) "
-                         "or once (first time an example is seen; ours).", choices=("step", "every_k", "once"))
-    refresh_every: int = field(4, help="k for --refresh every_k.")
+class TrainConfig(ModelDataOptions, LossOptions):
+    """Model, data and prompt options (``ModelDataOptions``), the loss (``LossOptions``: method, clip,
+    normalize, refresh, declared once and handed to ``PerCETrainer`` as they are) and the optimization."""
     lora: bool = field(False, help="Train LoRA adapters (peft) instead of all weights.")
     lora_r: int = field(8, help="LoRA rank.")
     lora_alpha: int = field(16, help="LoRA alpha.")
@@ -68,8 +55,7 @@ class TrainConfig(ModelDataOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        check_clip(self.clip_min, self.clip_max, self.allow_negative_clip)
-        for name in ("batch_size", "grad_accum", "refresh_every", "lora_r", "logging_steps"):
+        for name in ("batch_size", "grad_accum", "lora_r", "logging_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
@@ -126,12 +112,6 @@ def _has_run(out: Path) -> bool:
     return out.exists() and any(out.iterdir())
 
 
-def latest_checkpoint(out: Path) -> str | None:
-    """The newest complete checkpoint-N (one a crash cut short is never picked)."""
-    from .checkpointing import latest_checkpoint as latest
-    return latest(out)
-
-
 def apply_lora(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
@@ -145,44 +125,45 @@ def apply_lora(model, cfg: TrainConfig):
 
 def build_trainer(cfg: TrainConfig, model, tokenizer, records: list[dict], *, callbacks=None):
     """Everything up to ``trainer.train()``: encoding, training arguments, the PerCE trainer."""
-    import torch
-    from transformers import TrainingArguments
-
-    from .encoding import PairedCollator, encode_all
-    from .trainer import PerCEArgs, PerCETrainer
+    from ..encoding import PairedCollator, encode_all
+    from ..trainer import PerCETrainer
 
     builder = cfg.prompt_builder(tokenizer)
     rows = encode_all(builder, records, desc="encoding train")
     if cfg.lora:
         model = apply_lora(model, cfg)
-    use_cpu = not torch.cuda.is_available()
-    args = TrainingArguments(
+    trainer = PerCETrainer(model=model, args=training_arguments(cfg), train_dataset=ListDataset(rows),
+                           data_collator=PairedCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                           perce_args=cfg, example_ids=[r["id"] for r in records], callbacks=callbacks)
+    return trainer, builder
+
+
+def training_arguments(cfg: TrainConfig):
+    """The ``transformers.TrainingArguments`` this config describes."""
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=cfg.output_dir, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup, lr_scheduler_type=cfg.lr_scheduler, max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps > 0 else "epoch",
         save_steps=cfg.save_steps if cfg.save_steps > 0 else 500, save_total_limit=cfg.save_total_limit,
-        seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, use_cpu=use_cpu,
+        seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=cfg.gradient_checkpointing, remove_unused_columns=False,
         report_to="none", disable_tqdm=not cfg.progress, dataloader_num_workers=0,
         optim=cfg.optim, logging_first_step=True)
-    perce = PerCEArgs(method=cfg.method, clip_min=cfg.clip_min, clip_max=cfg.clip_max, normalize=cfg.normalize,
-                      refresh=cfg.refresh, refresh_every=cfg.refresh_every if cfg.refresh == "every_k" else 1,
-                      on_nonfinite=cfg.on_nonfinite)
-    trainer = PerCETrainer(model=model, args=args, train_dataset=ListDataset(rows),
-                           data_collator=PairedCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                           perce_args=perce, example_ids=[r["id"] for r in records], callbacks=callbacks)
-    return trainer, builder
 
 
 def run(cfg: TrainConfig) -> dict:
     import transformers
 
-    from .data import load_records, write_text_atomic
-    from .models import load_model
-    from .prompts import get_task
-    from .runinfo import run_info
+    from ..checkpointing import latest_checkpoint
+    from ..datasets import load_records
+    from ..files import write_text_atomic
+    from ..prompts import get_task
+    from ..runinfo import run_info
 
     out = Path(cfg.output_dir)
     resume_from = latest_checkpoint(out) if cfg.resume else None
@@ -195,7 +176,7 @@ def run(cfg: TrainConfig) -> dict:
         raise UserError(f"output dir {out} already holds a run; pass --resume to continue it or --overwrite")
     records = load_records(cfg.data, get_task(cfg.task), limit=cfg.limit)
     transformers.set_seed(cfg.seed)
-    model, tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    model, tok = cfg.load_model()
     trainer, builder = build_trainer(cfg, model, tok, records)
     out.mkdir(parents=True, exist_ok=True)
     import yaml

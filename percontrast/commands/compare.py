@@ -18,37 +18,37 @@ against ``ce``, on the seeds both have, paired by seed and example: the mean dif
 with a bootstrap interval over examples and one over seeds then examples, and the
 relative gain in %; wall time, peak memory) and ``results.png``. Everything is checked
 (methods, metrics, data files, train settings, stale cells) before the first training step.
+
+This module is the run loop: the config, the plan (which models to build, which cells each
+fills), the cell hashes and their check on resume, training and evaluating the missing cells,
+and ``run``. The statistics, tables and plot come from ``compare_report``.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import math
 import re
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import field
-from .errors import UserError
-from .evaluate import check_metrics
-from .generate import DecodingFields
-from .metrics import DEFAULT_METRICS
-from .options import ModelDataOptions
+from ..config import field
+from ..errors import UserError
+from ..files import write_text_atomic
+from ..metrics import DEFAULT_METRICS, check_metrics
+from ..options import DecodingOptions, ModelDataOptions
+from .compare_report import (ALL_METHODS, BASE_METHODS, REFERENCE, TRAINED_METHODS, plot, render_markdown,
+                             summarize, uses_clip)
 
-BASE_METHODS = ("base_profile", "base_noprofile")
-TRAINED_METHODS = ("ce", "lossce", "entce", "perce")
-ALL_METHODS = BASE_METHODS + TRAINED_METHODS
-REFERENCE = "ce"
 # TrainConfig fields that compare owns (set per cell or shared from the top level)
 _OWNED = {"method", "seed", "learning_rate", "clip_min", "clip_max", "output_dir", "resume", "overwrite",
           "model", "data", "task", "k", "retriever", "max_length", "limit", "dtype", "trust_remote_code"}
 
 
 @dataclass
-class CompareConfig(ModelDataOptions, DecodingFields):
+class CompareConfig(ModelDataOptions, DecodingOptions):
     methods: list[str] = field(default_factory=lambda: list(ALL_METHODS),
                                help="Methods to compare: " + ", ".join(ALL_METHODS) + ".")
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], help="Training seeds.")
@@ -73,14 +73,13 @@ class CompareConfig(ModelDataOptions, DecodingFields):
                                        "listed in results.json/md). Without it such cells are refused.")
 
     def __post_init__(self):
-        super().__post_init__()
-        self.check_decoding()
+        super().__post_init__()  # each option group checks its own fields (decoding too)
         bad = [m for m in self.methods if m not in ALL_METHODS]
         if bad or not self.methods:
             raise UserError(f"unknown method {', '.join(map(repr, bad)) or '(none given)'}; "
                             f"known: {', '.join(ALL_METHODS)}")
         self.methods = list(dict.fromkeys(self.methods))
-        self.metrics = check_metrics(self.metrics)
+        self.metrics = list(check_metrics(self.metrics))
         if not self.seeds:
             raise UserError("seeds: give at least one seed")
         if not self.test_data and not self.eval_sets:
@@ -122,7 +121,7 @@ class CompareConfig(ModelDataOptions, DecodingFields):
 
     def train_config(self, method: str, seed: int, lr: float | None = None, clip: tuple | None = None,
                      output_dir: str = "out/compare/_train"):
-        from . import config as cfgmod
+        from .. import config as cfgmod
         from .train import TrainConfig
 
         owned = sorted(set(self.train) & _OWNED - {"learning_rate", "clip_min", "clip_max"})
@@ -154,22 +153,17 @@ def parse_clip(text: str) -> tuple[float, float]:
 def cell_key(method: str, seed: int, setting: dict, eval_name: str, trained: bool) -> str:
     if not trained:  # the base model does not depend on lr / clip
         return f"{method}__seed{seed}__{eval_name}"
-    clip = f"__clip{setting['clip_min']:g}-{setting['clip_max']:g}" if _uses_clip(method) else ""
+    clip = f"__clip{setting['clip_min']:g}-{setting['clip_max']:g}" if uses_clip(method) else ""
     return f"{method}__seed{seed}__lr{setting['lr']:g}{clip}__{eval_name}"
-
-
-def _uses_clip(method: str) -> bool:
-    return method in ("perce", "lossce", "entce")
 
 
 # What a cell's hash leaves out, and why: where files go and how chatty the run is do not
 # change a trained model or its outputs; data/limit are replaced by the content digest of
 # the records actually used (moving the data folder must not invalidate cells, editing it
-# must); no_profile is not read by compare (the method decides the prompt).
+# must); fast is the same computation by a faster route (tested equal to the naive one).
 _NOT_DEFINING_TRAIN = {"output_dir", "resume", "overwrite", "progress", "logging_steps", "save_steps",
-                       "save_total_limit"}
+                       "save_total_limit", "fast"}
 _NOT_DEFINING_SHARED = {"data", "limit", "trust_remote_code"}
-_NOT_DEFINING_DECODING = {"no_profile"}
 _CLIP_FIELDS = {"clip_min", "clip_max", "allow_negative_clip"}
 TRAIN_RECORDS = "__train__"  # key of the training records in the digests
 
@@ -188,15 +182,14 @@ def cell_definition(cfg: CompareConfig, method: str, seed: int, setting: dict | 
     TrainConfig (defaults included, so a changed default also counts as a change)."""
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelDataOptions)
               if f.name not in _NOT_DEFINING_SHARED}
-    decoding = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DecodingFields)
-                if f.name not in _NOT_DEFINING_DECODING}
+    decoding = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DecodingOptions)}
     d = {"method": method, "seed": seed, "shared": shared, "decoding": decoding,
          "eval_set": {"name": es["name"], "task": es["task"], "records_sha256": digests[es["name"]]},
          "train": None}
     if setting is not None:
         tcfg = cfg.train_config(method, seed, setting["lr"], (setting["clip_min"], setting["clip_max"]))
-        skip = _NOT_DEFINING_TRAIN | set(shared) | _NOT_DEFINING_SHARED | (set() if _uses_clip(method)
-                                                                           else _CLIP_FIELDS)
+        skip = _NOT_DEFINING_TRAIN | set(shared) | _NOT_DEFINING_SHARED | (set() if uses_clip(method)
+                                                                          else _CLIP_FIELDS)
         d["train"] = {"records_sha256": digests[TRAIN_RECORDS],
                       "config": {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in skip}}
     return d
@@ -308,11 +301,10 @@ def train_model(tcfg, records: list[dict]):
     (model, tokenizer, info). Tests monkeypatch this to count training calls."""
     import transformers
 
-    from .models import load_model
     from .train import build_trainer
 
     transformers.set_seed(tcfg.seed)
-    model, tok = load_model(tcfg.model, dtype=tcfg.dtype, trust_remote_code=tcfg.trust_remote_code)
+    model, tok = tcfg.load_model()
     trainer, builder = build_trainer(tcfg, model, tok, records, callbacks=[_NoSave()])
     t0 = time.perf_counter()
     result = trainer.train()
@@ -325,13 +317,7 @@ def train_model(tcfg, records: list[dict]):
 
 
 def load_base(cfg: CompareConfig):
-    from .models import load_model
-    return load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-
-
-def _write_json(path: Path, obj) -> None:
-    from .data import write_text_atomic
-    write_text_atomic(path, json.dumps(obj, indent=1, default=str))
+    return cfg.load_model()
 
 
 # ---------------------------------------------------------------- run
@@ -349,7 +335,7 @@ def _jobs(cfg: CompareConfig, settings: list[dict], base_seeds: list[int]) -> li
                 if m in BASE_METHODS:
                     continue
                 # ce ignores the clip: train it once per learning rate
-                if not _uses_clip(m) and any(x["lr"] == st["lr"] for x in settings[:st_i]):
+                if not uses_clip(m) and any(x["lr"] == st["lr"] for x in settings[:st_i]):
                     continue
                 jobs.append((m, s, st))
     return jobs
@@ -373,8 +359,8 @@ def _plan(cfg, jobs, eval_sets, digests, out: Path) -> list[dict]:
 
 def _generate(model, tok, recs, es: dict, cfg: CompareConfig, method: str, seed: int) -> tuple[list[str], dict]:
     """Predictions for one eval set, and the prompt-length counters (profile cut / removed)."""
-    from .encoding import EncodeStats
-    from .evaluate import generate_for
+    from ..encoding import EncodeStats
+    from ..generation import generate_for
 
     stats = EncodeStats()
     texts = generate_for(model, tok, recs, es["task"], cfg, cfg, use_profile=(method != "base_noprofile"),
@@ -385,12 +371,12 @@ def _generate(model, tok, recs, es: dict, cfg: CompareConfig, method: str, seed:
 def run(cfg: CompareConfig) -> dict:
     import torch
 
-    from .data import load_records, write_text_atomic
+    from ..datasets import load_records
+    from ..metrics import metric_versions
+    from ..models import default_device
+    from ..prompts import get_task
+    from ..runinfo import run_info
     from .evaluate import score
-    from .metrics import metric_versions
-    from .models import default_device
-    from .prompts import get_task
-    from .runinfo import run_info
 
     out = Path(cfg.output_dir)
     # Everything that can fail on the user's input fails here, before any training.
@@ -411,7 +397,7 @@ def run(cfg: CompareConfig) -> dict:
     plan = _plan(cfg, _jobs(cfg, settings, base_seeds), eval_sets,
                  record_digests(train_records, eval_records), out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    _write_json(out / "compare_config.json", dataclasses.asdict(cfg))
+    write_text_atomic(out / "compare_config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
     device = default_device()
 
     done = skipped = 0
@@ -441,14 +427,14 @@ def run(cfg: CompareConfig) -> dict:
             per, corpus = score(texts, recs, cfg.metrics)
             cell = {"method": m, "seed": s, "eval_set": c["es"]["name"], "trained": st is not None,
                     "lr": st["lr"] if st else None,
-                    "clip_min": st["clip_min"] if st and _uses_clip(m) else None,
-                    "clip_max": st["clip_max"] if st and _uses_clip(m) else None,
+                    "clip_min": st["clip_min"] if st and uses_clip(m) else None,
+                    "clip_max": st["clip_max"] if st and uses_clip(m) else None,
                     "config_hash": digest(c["definition"]), "definition": c["definition"],
                     "metrics": corpus, "prompt_stats": prompt_stats, "train": info, "train_s": round(train_s, 2),
                     "eval_s": round(eval_s, 2), "peak_mem_bytes": max(mem.peak, emem.peak), "mem_kind": mem.kind,
                     "examples": [{"id": r["id"], "prediction": t, "scores": sc}
                                  for r, t, sc in zip(recs, texts, per)]}
-            _write_json(c["path"], cell)
+            write_text_atomic(c["path"], json.dumps(cell, indent=1, default=str))
             done += 1
         del model
         if torch.cuda.is_available():
@@ -459,275 +445,8 @@ def run(cfg: CompareConfig) -> dict:
     results = summarize(cfg, cells, eval_sets, settings, base_seeds)
     results["metric_versions"] = metric_versions()
     results["run"] = run_info(cfg)
-    _write_json(out / "results.json", results)
+    write_text_atomic(out / "results.json", json.dumps(results, indent=1, default=str))
     write_text_atomic(out / "results.md", render_markdown(results))
     plot(results, out / "results.png")
     return {"cells_computed": done, "cells_skipped": skipped, "output_dir": str(out),
             "table": str(out / "results.md")}
-
-
-# ---------------------------------------------------------------- summary
-
-def _cells_for(cells, method, eval_name, setting, seeds):
-    """Cells of one method at one grid point (base methods ignore the grid; ce ignores the clip)."""
-    sel = []
-    for c in cells:
-        if c["method"] != method or c["eval_set"] != eval_name or c["seed"] not in seeds:
-            continue
-        if c["trained"]:
-            if not math.isclose(c["lr"], setting["lr"]):
-                continue
-            if _uses_clip(method) and not (math.isclose(c["clip_min"], setting["clip_min"])
-                                           and math.isclose(c["clip_max"], setting["clip_max"])):
-                continue
-        sel.append(c)
-    return sorted(sel, key=lambda c: c["seed"])
-
-
-def pair_by_seed(cells: list[dict], ref_cells: list[dict], seed_independent: bool) -> tuple[list[dict], list[dict]]:
-    """(method cells, reference cells), one pair per shared seed, in seed order.
-
-    A seed-independent method (untrained, greedy: every seed would give the same output,
-    which is why it is run once) stands for every reference seed. Otherwise only seeds
-    both have count: averaging a 1-seed method against a 3-seed reference would compare
-    one training run with the mean of three, mixing seed luck into the difference."""
-    if seed_independent and cells:
-        return [cells[0]] * len(ref_cells), list(ref_cells)
-    by_seed = {c["seed"]: c for c in cells}
-    ref = [r for r in ref_cells if r["seed"] in by_seed]
-    return [by_seed[r["seed"]] for r in ref], ref
-
-
-def score_table(cells: list[dict], metric: str, ids: list[str]) -> list[list[float]]:
-    """Per-example scores [seeds][examples], examples in the order of ``ids`` (paired by id)."""
-    rows = []
-    for c in cells:
-        by_id = {e["id"]: e["scores"][metric] for e in c["examples"]}
-        if set(by_id) != set(ids):
-            raise UserError(f"cell {c['method']} seed {c['seed']} ({c['eval_set']}) has other test ids than the "
-                            f"{REFERENCE} cells; delete the stale cells and rerun")
-        rows.append([by_id[i] for i in ids])
-    return rows
-
-
-def vs_reference(cells: list[dict], ref_cells: list[dict], metric: str, resamples: int) -> tuple[dict, float | None]:
-    """Paired difference (method - reference) of ``metric`` over shared seeds x examples:
-    mean, examples-only bootstrap (seed-averaged per-example scores; ``lo``/``hi``), and the
-    two-level bootstrap over seeds then examples (``two_level``); plus the relative gain in %."""
-    import numpy as np
-
-    from .stats import paired_bootstrap, relative_gain, two_level_bootstrap
-
-    ids = [e["id"] for e in ref_cells[0]["examples"]]
-    a = np.asarray(score_table(cells, metric, ids))      # [S, I]
-    b = np.asarray(score_table(ref_cells, metric, ids))  # [S, I]
-    res = paired_bootstrap(a.mean(axis=0), b.mean(axis=0), n_resamples=resamples, seed=0)
-    res["seeds"] = [c["seed"] for c in ref_cells]
-    res["two_level"] = two_level_bootstrap(a - b, n_resamples=resamples, seed=0)
-    return res, relative_gain(float(a.mean()), float(b.mean()))
-
-
-def _prompt_counts(cells: list[dict]) -> dict:
-    """Prompt-length counters of a method's cells (the same prompts for every seed); cells
-    written before they were recorded give None."""
-    stats = [c.get("prompt_stats") for c in cells]
-    if any(st is None for st in stats):
-        return {"profile_cut": None, "profile_removed": None}
-    return {"profile_cut": max(st.get("profile_cut", 0) for st in stats),
-            "profile_removed": max(st.get("profile_removed", 0) for st in stats)}
-
-
-def _row(cfg: CompareConfig, m: str, mc: list[dict], ref_cells: list[dict]) -> dict:
-    from .stats import t_interval
-
-    det = m in BASE_METHODS and not cfg.do_sample
-    row = {"method": m, "seeds": [c["seed"] for c in mc], "metrics": {}, "vs_ce": {}, "gain_pct": {},
-           "shared_seeds": None, "train_s": sum(c["train_s"] for c in mc) / len(mc),
-           "eval_s": sum(c["eval_s"] for c in mc) / len(mc),
-           "peak_mem_mb": max(c["peak_mem_bytes"] for c in mc) / 2 ** 20, "mem_kind": mc[0]["mem_kind"],
-           "deterministic": det, **_prompt_counts(mc)}
-    for metric in cfg.metrics:
-        d = t_interval([c["metrics"][metric] for c in mc]).as_dict()
-        if det:  # greedy, untrained: every seed gives the same output
-            d["lo"] = d["hi"] = d["mean"]
-        row["metrics"][metric] = d
-    if m == REFERENCE or not ref_cells:
-        return row
-    pm, pr = pair_by_seed(mc, ref_cells, det)
-    row["shared_seeds"] = [c["seed"] for c in pr]
-    for metric in cfg.metrics if pm else []:
-        row["vs_ce"][metric], row["gain_pct"][metric] = vs_reference(pm, pr, metric, cfg.bootstrap_resamples)
-    return row
-
-
-def summarize(cfg: CompareConfig, cells: list[dict], eval_sets: list[dict], settings: list[dict],
-              base_seeds: list[int]) -> dict:
-    groups = []
-    for es in eval_sets:
-        for st in settings:
-            ref_cells = _cells_for(cells, REFERENCE, es["name"], st, cfg.seeds)
-            rows = []
-            for m in cfg.methods:
-                mc = _cells_for(cells, m, es["name"], st, base_seeds if m in BASE_METHODS else cfg.seeds)
-                if mc:
-                    rows.append(_row(cfg, m, mc, ref_cells))
-            groups.append({"eval_set": es["name"], "task": es["task"], "data": es["data"],
-                           "n_examples": len(ref_cells[0]["examples"]) if ref_cells else None, **st, "rows": rows})
-    return {"model": cfg.model, "train_data": cfg.data, "task": cfg.task, "methods": cfg.methods, "seeds": cfg.seeds,
-            "train": cfg.train, "decoding": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DecodingFields)},
-            "prompt": {"k": cfg.k, "retriever": cfg.retriever, "max_length": cfg.max_length},
-            "metrics": cfg.metrics, "bootstrap_resamples": cfg.bootstrap_resamples,
-            "unhashed_cells": sorted(f"{c['method']}__seed{c['seed']}__{c['eval_set']}" for c in cells
-                                     if c.get("unhashed")),
-            "groups": groups}
-
-
-_LABEL = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
-          "meteor": "METEOR"}
-
-
-def _fmt_iv(d: dict) -> str:
-    if d["lo"] is None:
-        return f"{100 * d['mean']:.2f}"
-    return f"{100 * d['mean']:.2f} [{100 * d['lo']:.2f}, {100 * d['hi']:.2f}]"
-
-
-def _fmt_delta(b: dict | None, shared: list | None) -> str:
-    if shared == []:
-        return "no shared seed"
-    if b is None:
-        return "—"
-    text = f"{100 * b['diff']:+.2f} [{100 * b['lo']:+.2f}, {100 * b['hi']:+.2f}]"
-    tl = b.get("two_level")  # absent in results written before it existed
-    if tl is None:
-        return text
-    if not tl["seed_level"]:
-        return text + " [n/a: 1 shared seed]"
-    return text + f" [{100 * tl['lo']:+.2f}, {100 * tl['hi']:+.2f}]"
-
-
-def _fmt_shared(r: dict) -> str:
-    shared = r.get("shared_seeds")
-    if r["method"] == REFERENCE or shared is None:
-        return "—"
-    return f"{len(shared)}{'*' if r['deterministic'] and shared else ''}"
-
-
-_NOTES = ("Scores x100. Per method: mean over its seeds [95% t-interval over seeds]. "
-          "Δ vs ce: mean paired difference over the seeds both methods have ('shared seeds'; pairs by seed "
-          "and by test example); a method that shares no seed with ce is not compared ('no shared seed'). "
-          "First bracket: 95% percentile bootstrap resampling test examples only (per-example differences "
-          "averaged over the shared seeds; ignores seed variance). Second bracket: 95% two-level bootstrap "
-          "resampling the shared seeds, then the test examples (seed and example variance); with one shared "
-          "seed there is no seed level ('n/a: 1 shared seed'). {resamples} resamples each, RNG seed 0. "
-          "Gain: relative difference against ce of the means over the shared seeds, in %. "
-          "\\* untrained and greedy: evaluated once (the output is the same for every seed), and that run is "
-          "paired with every ce seed.")
-
-
-def _group_tables(res: dict, g: dict) -> list[str]:
-    label = [_LABEL.get(m, m) for m in res["metrics"]]
-    head = ["method", "seeds"] + label + ["train+load s", "eval s", "peak MB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in g["rows"]:
-        cells = [r["method"], str(len(r["seeds"]))] + [_fmt_iv(r["metrics"][m]) for m in res["metrics"]]
-        cells += [f"{r['train_s']:.0f}", f"{r['eval_s']:.0f}", f"{r['peak_mem_mb']:.0f} ({r['mem_kind']})"]
-        lines.append("| " + " | ".join(cells) + " |")
-    head = ["method", "shared seeds with ce"] + \
-           [f"Δ{x} vs ce [CI: examples] [CI: seeds, then examples]" for x in label] + [f"gain {x} %" for x in label]
-    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in g["rows"]:
-        if r["method"] == REFERENCE:
-            continue
-        shared = r.get("shared_seeds")
-        cells = [r["method"], _fmt_shared(r)] + [_fmt_delta(r["vs_ce"].get(m), shared) for m in res["metrics"]]
-        cells += ["—" if r["gain_pct"].get(m) is None else f"{r['gain_pct'][m]:+.1f}" for m in res["metrics"]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines + ["", _prompt_note(g)]
-
-
-def _prompt_note(g: dict) -> str:
-    """How many eval prompts the length limit cut the profile of, or removed it from entirely."""
-    counts = {(r.get("profile_cut"), r.get("profile_removed")) for r in g["rows"]}
-    n = g["n_examples"] or "?"
-    if len(counts) == 1:
-        cut, removed = counts.pop()
-        if cut is None:
-            return "Prompt length: not recorded in these cells."
-        return (f"Prompt length: max_length cut the profile in {cut} of {n} eval prompts and removed it entirely "
-                f"in {removed} (same for every method).")
-    parts = [f"{r['method']} {r.get('profile_cut')}/{r.get('profile_removed')}" for r in g["rows"]]
-    return f"Prompt length (profile cut / removed, of {n} eval prompts): " + ", ".join(parts) + "."
-
-
-def render_markdown(res: dict) -> str:
-    lines = [f"# compare: {res['model']} on {res['task']} ({res['train_data']})", "",
-             _NOTES.format(resamples=res["bootstrap_resamples"]), ""]
-    for g in res["groups"]:
-        lines += [f"## eval set `{g['eval_set']}` ({g['task']}, {g['n_examples']} examples), "
-                  f"lr {g['lr']:g}, clip [{g['clip_min']:g}, {g['clip_max']:g}]", ""]
-        lines += _group_tables(res, g) + [""]
-    if res.get("unhashed_cells"):
-        lines += [f"Cells without a settings hash, reused on the user's word (--adopt-unhashed-cells): "
-                  f"{', '.join(res['unhashed_cells'])}.", ""]
-    run = res.get("run", {})
-    lines += [f"Machine: {run.get('machine')}; date {run.get('date')}; git {run.get('git_commit')}.",
-              f"Train settings: `{json.dumps(res['train'])}`; decoding: `{json.dumps(res['decoding'])}`; "
-              f"prompt: `{json.dumps(res['prompt'])}`.", ""]
-    return "\n".join(lines)
-
-
-def plot(res: dict, path: Path) -> None:
-    """Bars with t-intervals per method (one grid point), or metric vs learning rate."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = res["metrics"]
-    lrs = sorted({g["lr"] for g in res["groups"]})
-    evals = list(dict.fromkeys(g["eval_set"] for g in res["groups"]))
-    fig, axes = plt.subplots(len(evals), len(metrics), figsize=(4.2 * len(metrics), 3.4 * len(evals)),
-                             squeeze=False)
-    for i, ev in enumerate(evals):
-        groups = [g for g in res["groups"] if g["eval_set"] == ev]
-        for j, metric in enumerate(metrics):
-            ax = axes[i][j]
-            if len(lrs) > 1:  # learning-rate robustness: one line per method (and clip)
-                series: dict[str, list] = {}
-                for g in groups:
-                    for r in g["rows"]:
-                        label = r["method"] if r["method"] in ("ce",) + BASE_METHODS or len(
-                            {(x["clip_min"], x["clip_max"]) for x in groups}) == 1 \
-                            else f"{r['method']} [{g['clip_min']:g},{g['clip_max']:g}]"
-                        series.setdefault(label, []).append((g["lr"], r["metrics"][metric]))
-                for label, pts in series.items():
-                    pts = sorted(set((lr, d["mean"], d["lo"], d["hi"]) for lr, d in pts))
-                    xs = [p[0] for p in pts]
-                    ys = [100 * p[1] for p in pts]
-                    ax.plot(xs, ys, marker="o", label=label)
-                    if all(p[2] is not None for p in pts):
-                        ax.fill_between(xs, [100 * p[2] for p in pts], [100 * p[3] for p in pts], alpha=0.15)
-                ax.set_xscale("log")
-                ax.set_xlabel("learning rate")
-            else:
-                g = groups[0]
-                names = [r["method"] for r in g["rows"]]
-                means = [100 * r["metrics"][metric]["mean"] for r in g["rows"]]
-                err = [[100 * (r["metrics"][metric]["mean"] - (r["metrics"][metric]["lo"] or r["metrics"][metric]["mean"]))
-                        for r in g["rows"]],
-                       [100 * ((r["metrics"][metric]["hi"] or r["metrics"][metric]["mean"]) - r["metrics"][metric]["mean"])
-                        for r in g["rows"]]]
-                ax.bar(range(len(names)), means, yerr=err, capsize=3,
-                       color=["#d62728" if n == "perce" else "#1f77b4" if n == "ce" else "#999999" for n in names])
-                ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-            ax.set_title(f"{ev}: {_LABEL.get(metric, metric)} (x100)")
-            ax.grid(alpha=0.3)
-        if len(lrs) > 1:
-            axes[i][-1].legend(fontsize=7)
-    fig.suptitle(f"{res['model']} / {res['task']}: mean over seeds, 95% t-interval", fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    import os
-    os.replace(tmp, path)

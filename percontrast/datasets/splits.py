@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import UserError
+from ..files import write_jsonl_atomic, write_text_atomic
 
 SPLITS = ("train", "val", "test")
 # Profile eligibility: an example of split S may see groups with these roles.
@@ -337,14 +338,11 @@ def write_dataset(out_dir: Path, splits: dict[str, list[dict]], *, task: str, pr
     ``datasheet`` is replaced by the counts table). Returns the counts."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for s in SPLITS:
-        with open(out_dir / f"{s}.jsonl", "w", encoding="utf-8", newline="\n") as f:
-            for r in splits[s]:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        write_jsonl_atomic(out_dir / f"{s}.jsonl", splits[s])
     stats = split_stats(splits, profile_fields)
     counts = {"task": task, **{s: stats[s]["examples"] for s in SPLITS},
               "users": {s: stats[s]["users"] for s in SPLITS}}
-    (out_dir / "meta.json").write_text(json.dumps({**meta, **counts}, indent=2, sort_keys=True) + "\n",
-                                       encoding="utf-8")
-    (out_dir / "DATASHEET.md").write_text(datasheet.replace("{table}", datasheet_table(stats)), encoding="utf-8")
+    write_text_atomic(out_dir / "meta.json", json.dumps({**meta, **counts}, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out_dir / "DATASHEET.md", datasheet.replace("{table}", datasheet_table(stats)))
     return counts
 

@@ -9,13 +9,12 @@ another user's instead of removing it (separates "this user" from "any context")
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import field
-from .errors import UserError
-from .options import ModelDataOptions, check_clip
+from ..config import field
+from ..errors import UserError
+from ..options import ModelDataOptions, check_clip
 
 
 @dataclass
@@ -38,21 +37,6 @@ class ScoreConfig(ModelDataOptions):
             raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def swapped_profiles(records: list[dict], seed: int) -> list[list[dict]]:
-    """For each record, the profile of a different user (deterministic by seed)."""
-    users = [str(r.get("user_id", r["id"])) for r in records]
-    if len(set(users)) < 2:
-        raise UserError("--counterfactual swap needs records of at least two users (field 'user_id')")
-    rng = random.Random(seed)
-    out = []
-    for i, u in enumerate(users):
-        j = rng.randrange(len(records))
-        while users[j] == u:
-            j = rng.randrange(len(records))
-        out.append(records[j]["profile"])
-    return out
-
-
 def score_records(model, tokenizer, records: list[dict], builder, *, batch_size: int = 4,
                   clip_min: float = 0.8, clip_max: float = 5.0, profiles: list[list[dict]] | None = None,
                   progress: bool = True) -> list[dict]:
@@ -60,9 +44,9 @@ def score_records(model, tokenizer, records: list[dict], builder, *, batch_size:
     import torch
     from tqdm.auto import tqdm
 
-    from .encoding import PairedCollator
-    from .losses import clip_weights
-    from .scoring import score_batch
+    from ..encoding import PairedCollator
+    from ..losses import clip_weights
+    from ..scoring import score_batch
 
     model.eval()
     collate = PairedCollator(tokenizer.pad_token_id)
@@ -90,11 +74,12 @@ def score_records(model, tokenizer, records: list[dict], builder, *, batch_size:
 
 
 def run(cfg: ScoreConfig) -> dict:
-    from .data import load_records, write_text_atomic
-    from .heatmap import render
-    from .models import default_device, load_model
-    from .prompts import get_task
-    from .runinfo import run_info
+    from ..datasets import load_records
+    from ..files import write_text_atomic
+    from ..heatmap import render
+    from ..prompts import get_task
+    from ..retrieval import other_user_profiles
+    from ..runinfo import run_info
 
     out = Path(cfg.output_dir)
     targets = [out / "scores.json"] + ([out / "heatmap.html"] if cfg.html else [])
@@ -102,10 +87,9 @@ def run(cfg: ScoreConfig) -> dict:
         raise UserError(f"{out} already has scores; pass --overwrite to replace them")
     task = get_task(cfg.task)
     records = load_records(cfg.data, task, limit=cfg.limit)
-    model, tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                            device=default_device())
+    model, tok = cfg.load_model(device="default")
     builder = cfg.prompt_builder(tok)
-    profiles = swapped_profiles(records, cfg.seed) if cfg.counterfactual == "swap" else None
+    profiles = other_user_profiles(records, cfg.seed) if cfg.counterfactual == "swap" else None
     results = score_records(model, tok, records, builder, batch_size=cfg.batch_size, clip_min=cfg.clip_min,
                             clip_max=cfg.clip_max, profiles=profiles)
     all_pir = [v for r in results for v in r["pir"]]

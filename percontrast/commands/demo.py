@@ -16,27 +16,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import field
-from .errors import UserError
-from .models import model_option
+from ..config import field
+from ..errors import UserError
+from ..losses import METHODS
+from ..options import ModelOptions
 
 
 @dataclass
-class DemoConfig:
-    model: str = field("smollm2-135m", help="Model to demo (a built-in name or a local directory).")
+class DemoConfig(ModelOptions):
     output_dir: str = field("demo-output", help="Where heatmaps, the fine-tuned model and demo.json go.")
     method: str = field("perce", help="Training loss for the short fine-tune.",
-                        choices=("ce", "perce", "lossce", "entce"))
+                        choices=METHODS)
     epochs: float = field(3.0, help="Epochs over the 24 training messages.")
     learning_rate: float = field(5e-5, help="Learning rate of the short full fine-tune.")
     batch_size: int = field(4, help="Batch size.")
     k: int = field(3, help="Profile items in each prompt.")
     generate: bool = field(True, help="Also generate for the held-out messages and report ROUGE-L.")
     overwrite: bool = field(True, help="Replace a previous demo's output.")
-    dtype: str = model_option("dtype")
-    trust_remote_code: bool = model_option("trust_remote_code")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.epochs <= 0 or self.learning_rate <= 0 or self.batch_size < 1 or self.k < 1:
             raise UserError("demo needs epochs > 0, learning_rate > 0, batch_size >= 1, k >= 1")
 
@@ -50,7 +49,7 @@ def _summary(results: list[dict], clip_min: float) -> dict:
 
 def _rouge_l(preds: list[str], refs: list[str]) -> float | None:
     try:
-        from .metrics import aggregate, score_examples
+        from ..metrics import aggregate, score_examples
     except ImportError:
         return None
     return aggregate(score_examples(preds, refs, metrics=("rougeL",)), metrics=("rougeL",))["rougeL"]
@@ -61,12 +60,12 @@ def run(cfg: DemoConfig) -> dict:
 
     import transformers
 
-    from .data import load_records, write_text_atomic
-    from .encoding import PromptBuilder
-    from .generation import DecodingOptions, generate_records
-    from .heatmap import render
-    from .models import load_model
-    from .prompts import get_task
+    from ..datasets import load_records
+    from ..files import write_text_atomic
+    from ..generation import generate_records
+    from ..heatmap import render
+    from ..options import DecodingOptions
+    from ..prompts import get_task
     from .score import score_records
     from .train import TrainConfig, build_trainer
 
@@ -79,19 +78,24 @@ def run(cfg: DemoConfig) -> dict:
     task = get_task("email")
     train = load_records("builtin:sample-train", task)
     test = load_records("builtin:sample-test", task)
+    # The fine-tune's config also describes the model and the prompts the demo scores with.
+    tcfg = TrainConfig(model=cfg.model, data="builtin:sample-train", task="email", method=cfg.method, k=cfg.k,
+                       epochs=cfg.epochs, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
+                       output_dir=str(out / "model"), save_total_limit=1, logging_steps=2, progress=False,
+                       dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     t0 = time.perf_counter()
     print(f"[1/4] loading {cfg.model} (the first run converts the GGUF weights once, ~1 min) ...", flush=True)
     transformers.set_seed(0)
-    model, tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    builder = PromptBuilder(tok, task, k=cfg.k)
-    decoding = DecodingOptions(max_new_tokens=48)
+    model, tok = tcfg.load_model()
+    builder = tcfg.prompt_builder(tok)
+    decoding = DecodingOptions(max_new_tokens=48, batch_size=12)
 
     def measure(tag: str) -> dict:
         res = score_records(model, tok, test, builder, progress=False)
         write_text_atomic(out / f"heatmap_{tag}.html", render(res, title=f"PIR {tag} PerCE fine-tuning ({cfg.model})"))
         s = _summary(res, 0.8)
         if cfg.generate:
-            preds = generate_records(model, tok, test, builder, decoding, batch_size=12, progress=False)
+            preds = generate_records(model, tok, test, builder, decoding, progress=False)
             s["rougeL"] = _rouge_l(preds, [r["output"] for r in test])
             s["example_generation"] = {"id": test[0]["id"], "prediction": preds[0], "gold": test[0]["output"]}
         return s
@@ -99,10 +103,6 @@ def run(cfg: DemoConfig) -> dict:
     print("[2/4] scoring the 12 held-out messages (before) ...", flush=True)
     before = measure("before")
     print(f"[3/4] fine-tuning with {cfg.method} on 24 messages ({cfg.epochs:g} epochs) ...", flush=True)
-    tcfg = TrainConfig(model=cfg.model, data="builtin:sample-train", task="email", method=cfg.method, k=cfg.k,
-                       epochs=cfg.epochs, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
-                       output_dir=str(out / "model"), save_total_limit=1, logging_steps=2, progress=False,
-                       dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     trainer, _ = build_trainer(tcfg, model, tok, train)
     t_train = time.perf_counter()
     trainer.train()

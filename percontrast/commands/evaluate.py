@@ -1,0 +1,99 @@
+"""``percontrast eval``: generate for every example of a data file and score it.
+
+    percontrast eval --model runs/perce --data test.jsonl --task email --output-dir out/eval
+    percontrast eval --data test.jsonl --task email --predictions preds.json --output-dir out/eval
+
+Greedy decoding by default; generation stops at the tokenizer's EOS (the chat template's
+end of turn), which is stripped. ``--no-profile`` generates from the profile-free prompt
+(the counterfactual ablation). ``--predictions FILE`` scores an existing predictions file
+instead of generating: the LaMP/LongLaMP exchange format ``{"task", "golds": [{"id",
+"output"}]}`` or JSONL rows with ``id`` and ``output`` (or ``prediction``). Its ids must
+equal the gold ids exactly (the official LaMP evaluation asserts the same); an empty
+prediction scores 0 and is never dropped.
+
+Writes into ``--output-dir``: ``predictions.json`` (exchange format), ``predictions.jsonl``
+(one row per example: id, prediction, reference, its scores) and ``summary.json``
+(corpus metrics, ``metric_versions()``, ``run_info``).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import field
+from ..errors import UserError
+from ..generation import generate_for
+from ..metrics import DEFAULT_METRICS, METRICS, check_metrics
+from ..options import DecodingOptions, ModelDataOptions
+
+
+@dataclass
+class EvalConfig(ModelDataOptions, DecodingOptions):
+    no_profile: bool = field(False, help="Generate from the profile-free prompt (the counterfactual ablation).")
+    output_dir: str = field("out/eval", help="Where predictions.json(l) and summary.json go.")
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS),
+                               help="Metrics: " + ", ".join(METRICS) + ".")
+    predictions: str | None = field(None, help="Score this predictions file (exchange format JSON or JSONL "
+                                    "with id/output) instead of generating.")
+    overwrite: bool = field(False, help="Replace an existing summary.json in --output-dir.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.metrics = list(check_metrics(self.metrics))
+
+
+# ---------------------------------------------------------------- scoring / writing
+
+def score(texts: list[str], records: list[dict], metrics: list[str]) -> tuple[list[dict], dict]:
+    """Per-example scores and their corpus means (empty predictions score 0)."""
+    from ..metrics import aggregate, score_examples
+
+    per = score_examples(texts, [r["output"] for r in records], metrics)
+    return per, aggregate(per, metrics)
+
+
+def write_outputs(out: Path, task: str, records: list[dict], texts: list[str], per: list[dict],
+                  summary: dict) -> None:
+    from ..data import write_predictions
+    from ..files import write_text_atomic
+
+    write_predictions(out, task, records, texts, [
+        {"id": r["id"], "prediction": t, "reference": r["output"], "scores": s}
+        for r, t, s in zip(records, texts, per)])
+    # summary.json last: its presence means the folder is complete
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
+
+
+def run(cfg: EvalConfig) -> dict:
+    from ..data import align_predictions, read_predictions
+    from ..datasets import load_records
+    from ..files import refuse_to_replace
+    from ..metrics import metric_versions
+    from ..prompts import get_task
+    from ..runinfo import run_info
+
+    out = Path(cfg.output_dir)
+    refuse_to_replace(out / "summary.json", cfg.overwrite)
+    records = load_records(cfg.data, get_task(cfg.task), limit=cfg.limit,
+                           require_profile=not (cfg.no_profile or cfg.predictions))
+    t0 = time.perf_counter()
+    if cfg.predictions:
+        texts = align_predictions(read_predictions(cfg.predictions), [r["id"] for r in records],
+                                  source=cfg.predictions)
+        source = {"predictions": cfg.predictions}
+    else:
+        model, tok = cfg.load_model(device="default")
+        from ..encoding import EncodeStats
+        stats = EncodeStats()
+        texts = generate_for(model, tok, records, cfg.task, cfg, cfg, use_profile=not cfg.no_profile,
+                             seed=cfg.seed, stats=stats)
+        source = {"model": cfg.model, "use_profile": not cfg.no_profile, **stats.counts()}
+    gen_s = time.perf_counter() - t0
+    per, corpus = score(texts, records, cfg.metrics)
+    summary = {"task": cfg.task, "data": cfg.data, "examples": len(records), **source,
+               "empty_predictions": sum(not t.strip() for t in texts), "metrics": corpus,
+               "generation_s": round(gen_s, 2), "metric_versions": metric_versions(), "run": run_info(cfg)}
+    write_outputs(out, cfg.task, records, texts, per, summary)
+    return {"examples": len(records), "metrics": corpus, "output_dir": str(out)}
