@@ -13,9 +13,10 @@ personas) under ``percontrast.datasets``. See ARCHITECTURE.md.
 from . import _moved
 from .losses import LOSSES, ce_loss, clip_weights, entce_loss, lossce_loss, perce_loss, weighted_nll
 from .pir import pir, token_entropy, token_logprobs
+from .commands.score import score_text
 
 _moved.install()   # old module paths (percontrast.train, ...) keep working for one release
 
 __version__ = "0.2.0"
 __all__ = ["pir", "token_logprobs", "token_entropy", "clip_weights", "weighted_nll", "ce_loss", "perce_loss",
-           "lossce_loss", "entce_loss", "LOSSES", "__version__"]
+           "lossce_loss", "entce_loss", "LOSSES", "score_text", "__version__"]

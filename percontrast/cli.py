@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("percontrast.commands.evaluate", "EvalConfig", "Generate for a data file and score it (ROUGE, METEOR)."),
     "compare": ("percontrast.commands.compare", "CompareConfig", "Train and evaluate every method x seed; table with CIs."),
     "identify": ("percontrast.commands.identify", "IdentifyConfig", "Personal-token identification benchmark."),
+    "report": ("percontrast.commands.report", "ReportConfig", "report.html with plots of a train or compare output folder."),
     "demo": ("percontrast.commands.demo", "DemoConfig", "The Quick start demo: score, heatmap, short PerCE fine-tune."),
 }
 # nested: percontrast data prepare ...

@@ -190,6 +190,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kw["choices"] = list(choices)
         if get_origin(tp) in (list, tuple):
             kw["nargs"] = "+"
+            kw["action"] = "extend"   # --x A --x B and --x A B both give [A, B]
             kw["metavar"] = "X"
         elif not choices:  # with choices argparse shows {a,b,c} itself
             kw["metavar"] = {int: "N", float: "X"}.get(tp, "VALUE")

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import UserError
-from .prompts import COUNTERFACTUAL_PROMPTS, Task, counterfactual_prompt, personalized_prompt, profile_words, query_text
+from .prompts import (COUNTERFACTUAL_PROMPTS, Task, counterfactual_prompt, personalized_prompt, profile_parts,
+                      profile_words, query_text)
 from .retrieval import retrieve
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,9 @@ class PromptBuilder:
             resp = resp[: max(1, len(resp) - over)]
         return {"id": str(record["id"]), "prompt_with": p_with, "prompt_without": p_without,
                 "response": resp if with_response else [], "n_profile_items": len(items),
-                "profile_removed": removed}
+                "profile_removed": removed,
+                # the items as they stand in the with-profile prompt, after retrieval and any cut
+                "profile_shown": profile_parts(self.task, items, pw)}
 
     def _counterfactual_ids(self, record: dict, other: list[dict] | None, iw: int | None, budget: int) -> list[int]:
         """The counterfactual prompt with the same input cut as the with-profile prompt: the profile

@@ -98,7 +98,12 @@ def truncate_words(text: str, max_words: int | None) -> str:
 
 
 def profile_block(task: Task, items: list[Item], max_words: int | None = None) -> str:
-    """Render items in retrieval order; ``max_words`` caps the profile's long-text words in total.
+    """Render items in retrieval order; ``max_words`` caps the profile's long-text words in total."""
+    return ", and ".join(profile_parts(task, items, max_words))
+
+
+def profile_parts(task: Task, items: list[Item], max_words: int | None = None) -> list[str]:
+    """The rendered items exactly as they stand in the prompt (``profile_block`` joins them).
 
     Items are filled greedily: the first items keep their text, the budget runs out on later
     ones, and an item left with no text is dropped (the profile is cut before the input).
@@ -122,7 +127,7 @@ def profile_block(task: Task, items: list[Item], max_words: int | None = None) -
             budget -= min(n, budget)
             continue
         parts.append(task.render_item(it))
-    return ", and ".join(parts)
+    return parts
 
 
 def profile_words(task: Task, items: list[Item]) -> int:

@@ -15,6 +15,11 @@ The fast path (used in training and scoring):
   layers do not follow that rule. A separate top-level call also matters under
   DeepSpeed ZeRO-3 / FSDP. The with-profile log-probs are NOT recomputed: the caller
   passes the detached ones from the training forward.
+* ``score_batch(..., top_k=N)`` also keeps the N most likely next tokens of both
+  distributions (``top_candidates``), taken from the logits the two passes already
+  have: no third forward. Each pass's [B, R, V] logits are reduced to what is kept
+  (log-probs, entropy, the top N) and dropped before the next pass runs, so the two
+  passes' logits are never held together, with or without top-k.
 
 The naive path (``naive_*``) is the textbook implementation, kept as the reference the
 fast path is tested against and as the benchmark's baseline: full forwards with logits
@@ -59,12 +64,26 @@ def _no_checkpointing(model):
 
 
 @torch.no_grad()
+def counterfactual_logits(model, batch: dict) -> torch.Tensor:
+    """Logits [B, R, V] of the profile-free pass at the response-predicting positions, no autograd state."""
+    with _no_checkpointing(model):
+        return response_logits(model, batch["cf_input_ids"], batch["cf_attention_mask"],
+                               batch["cf_position_ids"], batch["cf_resp_start"], batch["response_ids"].shape[1])
+
+
+@torch.no_grad()
 def counterfactual_logp(model, batch: dict) -> torch.Tensor:
     """log p(y_i | x, y_<i) with the profile removed, [B, R], no autograd state."""
-    with _no_checkpointing(model):
-        logits = response_logits(model, batch["cf_input_ids"], batch["cf_attention_mask"],
-                                 batch["cf_position_ids"], batch["cf_resp_start"], batch["response_ids"].shape[1])
-    return token_logprobs(logits, batch["response_ids"])
+    return token_logprobs(counterfactual_logits(model, batch), batch["response_ids"])
+
+
+def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most likely next tokens at each position: (probabilities [B, R, k], token ids
+    [B, R, k]), highest first. softmax = exp(logit - logsumexp), on the top k only (fp32 at least)."""
+    logits = upcast(logits)
+    k = min(int(k), logits.shape[-1])
+    vals, ids = logits.topk(k, dim=-1, sorted=True)
+    return (vals - torch.logsumexp(logits, dim=-1, keepdim=True)).exp(), ids
 
 
 # ----------------------------------------------------------------------------- naive reference
@@ -93,11 +112,15 @@ def naive_counterfactual_logp(model, batch: dict) -> torch.Tensor:
 
 @dataclass
 class PairScores:
-    """Per-token scores of one batch, each [B, R]; ``mask`` marks real response tokens."""
+    """Per-token scores of one batch, each [B, R]; ``mask`` marks real response tokens.
+    ``top_with`` / ``top_without``: (probabilities, token ids), each [B, R, k], highest first,
+    of the with-profile and the profile-free next-token distributions (``score_batch(top_k=k)``)."""
     logp_with: torch.Tensor
     logp_without: torch.Tensor
     entropy: torch.Tensor
     mask: torch.Tensor
+    top_with: tuple[torch.Tensor, torch.Tensor] | None = None
+    top_without: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def pir(self) -> torch.Tensor:
@@ -105,9 +128,17 @@ class PairScores:
 
 
 @torch.no_grad()
-def score_batch(model, batch: dict) -> PairScores:
-    """Both passes without gradient: everything PerContrast and the heatmaps need."""
+def score_batch(model, batch: dict, top_k: int = 0) -> PairScores:
+    """Both passes without gradient: everything PerContrast and the heatmaps need; with ``top_k``
+    > 0 also the top-k candidates of both distributions (from the same two passes)."""
+    targets = batch["response_ids"]
     logits = with_profile_logits(model, batch)
-    return PairScores(logp_with=token_logprobs(logits, batch["response_ids"]),
-                      logp_without=counterfactual_logp(model, batch),
-                      entropy=token_entropy(logits), mask=batch["response_mask"])
+    logp_with, entropy = token_logprobs(logits, targets), token_entropy(logits)
+    top_with = top_candidates(logits, top_k) if top_k > 0 else None
+    del logits                      # one pass's [B, R, V] logits alive at a time
+    logits = counterfactual_logits(model, batch)
+    logp_without = token_logprobs(logits, targets)
+    top_without = top_candidates(logits, top_k) if top_k > 0 else None
+    del logits
+    return PairScores(logp_with=logp_with, logp_without=logp_without, entropy=entropy,
+                      mask=batch["response_mask"], top_with=top_with, top_without=top_without)

@@ -55,9 +55,9 @@ def _score_capturing_prompts(capsys, monkeypatch, data, out, counterfactual):
     from percontrast.models import load_model
     batches, orig = [], scoring.score_batch
 
-    def spy(model, batch):
+    def spy(model, batch, **kw):
         batches.append({k: v.detach().cpu().clone() for k, v in batch.items() if torch.is_tensor(v)})
-        return orig(model, batch)
+        return orig(model, batch, **kw)
 
     with monkeypatch.context() as mp:
         mp.setattr(scoring, "score_batch", spy)

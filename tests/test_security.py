@@ -9,7 +9,6 @@ the browser test is skipped, except under ``CI=true``, where it fails.
 from __future__ import annotations
 
 import ast
-import html.parser
 import json
 import os
 import pickle
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, run_cli
+from helpers.browser import assert_inert_html as _assert_inert
 
 PKG = ROOT / "percontrast"
 SOURCES = {p: p.read_text(encoding="utf-8") for p in sorted(PKG.rglob("*.py"))}
@@ -264,33 +264,6 @@ def test_trust_remote_code_is_off_unless_the_flag(tmp_path, monkeypatch):
 PAYLOAD = ('<script>document.title="PWNED";document.body.setAttribute("data-pwned","1")</script>'
            '" onmouseover="document.title=\'PWNED\'" x="<img src=x onerror="document.title=\'PWNED\'">'
            "<iframe src=https://example.com></iframe>")
-
-
-class _Elements(html.parser.HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.tags, self.attrs = [], []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append(tag)
-        self.attrs += [(tag, k, v or "") for k, v in attrs]
-
-
-def _parse(page: str) -> _Elements:
-    p = _Elements()
-    p.feed(page)
-    return p
-
-
-def _assert_inert(page: str):
-    p = _parse(page)
-    assert not {"script", "img", "iframe", "object", "embed", "link", "base", "form"} & set(p.tags), p.tags
-    bad = [a for a in p.attrs if a[1].startswith("on") or a[1] == "data-pwned"]
-    assert not bad, bad
-    for tag, k, v in p.attrs:
-        if k in ("src", "href", "action", "srcset", "poster", "data"):
-            assert not re.search(r"https?:|^//", v.strip()), (tag, k, v)
-        assert "url(" not in v.replace(" ", "").lower(), (tag, k, v)
 
 
 @pytest.fixture(scope="module")

@@ -162,7 +162,7 @@ def cell_key(method: str, seed: int, setting: dict, eval_name: str, trained: boo
 # the records actually used (moving the data folder must not invalidate cells, editing it
 # must); fast is the same computation by a faster route (tested equal to the naive one).
 _NOT_DEFINING_TRAIN = {"output_dir", "resume", "overwrite", "progress", "logging_steps", "save_steps",
-                       "save_total_limit", "fast"}
+                       "save_total_limit", "fast", "report"}
 _NOT_DEFINING_SHARED = {"data", "limit", "trust_remote_code"}
 _CLIP_FIELDS = {"clip_min", "clip_max", "allow_negative_clip"}
 TRAIN_RECORDS = "__train__"  # key of the training records in the digests

@@ -66,6 +66,9 @@ def run(cfg: DemoConfig) -> dict:
     from ..heatmap import render
     from ..options import DecodingOptions
     from ..prompts import get_task
+    from ..runinfo import run_info
+    from .report import ProgressLineCallback, ReportConfig
+    from .report import run as write_report
     from .score import score_records
     from .train import TrainConfig, build_trainer
 
@@ -91,7 +94,7 @@ def run(cfg: DemoConfig) -> dict:
     decoding = DecodingOptions(max_new_tokens=48, batch_size=12)
 
     def measure(tag: str) -> dict:
-        res = score_records(model, tok, test, builder, progress=False)
+        res = score_records(model, tok, test, builder, progress=False, top_k=5)   # top-5 for the explorer
         write_text_atomic(out / f"heatmap_{tag}.html", render(res, title=f"PIR {tag} PerCE fine-tuning ({cfg.model})"))
         s = _summary(res, 0.8)
         if cfg.generate:
@@ -103,11 +106,16 @@ def run(cfg: DemoConfig) -> dict:
     print("[2/4] scoring the 12 held-out messages (before) ...", flush=True)
     before = measure("before")
     print(f"[3/4] fine-tuning with {cfg.method} on 24 messages ({cfg.epochs:g} epochs) ...", flush=True)
-    trainer, _ = build_trainer(tcfg, model, tok, train)
+    trainer, _ = build_trainer(tcfg, model, tok, train, callbacks=[ProgressLineCallback()])
     t_train = time.perf_counter()
     trainer.train()
     t_train = time.perf_counter() - t_train
     trainer.save_model(str(out / "model"))
+    # the run's log in train's results format, so `percontrast report` draws its curves
+    write_text_atomic(out / "model" / "train_results.json", json.dumps(
+        {"method": cfg.method, "steps": trainer.state.global_step, "wall_s": round(t_train, 2),
+         "log": [h for h in trainer.state.log_history if "loss" in h], "run": run_info(tcfg)}, indent=2, default=str))
+    report = write_report(ReportConfig(run_dir=str(out / "model")))["report"]
     print("[4/4] scoring again (after) ...", flush=True)
     after = measure("after")
     result = {"model": cfg.model, "method": cfg.method, "train_steps": trainer.state.global_step,
@@ -115,7 +123,8 @@ def run(cfg: DemoConfig) -> dict:
               "before": before, "after": after, "output_dir": str(out)}
     write_text_atomic(out / "demo.json", json.dumps(result, indent=2, ensure_ascii=False))
     _print_table(before, after)
-    print(f"\nHeatmaps: {out / 'heatmap_before.html'}  {out / 'heatmap_after.html'}")
+    print(f"\nToken explorer (hover a token: PIR, log-probs, weight, top candidates):\n"
+          f"  {out / 'heatmap_before.html'}\n  {out / 'heatmap_after.html'}\nTraining report: {report}")
     return {"output_dir": str(out), "train_steps": result["train_steps"], "total_wall_s": result["total_wall_s"]}
 
 

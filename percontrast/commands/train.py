@@ -51,7 +51,10 @@ class TrainConfig(ModelDataOptions, LossOptions):
     overwrite: bool = field(False, help="Allow writing into an --output-dir that already holds a run.")
     on_nonfinite: str = field("stop", help="A non-finite loss or weight stops the run (stop) or skips the "
                               "micro-batch and counts it (skip).", choices=("stop", "skip"))
-    progress: bool = field(True, help="Show progress bars.")
+    progress: bool = field(True, help="Show a progress bar and, at every logged step, a line with the step, "
+                           "loss and mean PIR on stderr (--no-progress: silent).")
+    report: bool = field(True, help="At the end, write report.html with plots of the run into --output-dir "
+                         "(percontrast report; a failure there is a warning, the model is saved before).")
 
     def __post_init__(self):
         super().__post_init__()
@@ -135,7 +138,44 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, records: list[dict], *, ca
     trainer = PerCETrainer(model=model, args=training_arguments(cfg), train_dataset=ListDataset(rows),
                            data_collator=PairedCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                            perce_args=cfg, example_ids=[r["id"] for r in records], callbacks=callbacks)
+    _progress_display(trainer, cfg.progress)
     return trainer, builder
+
+
+def _progress_display(trainer, progress: bool) -> None:
+    """The Trainer prints each log as a raw dict (with its tqdm bar, or on stdout without it).
+    Instead: with ``progress``, a step bar plus one compact line per logged step
+    (``ProgressLineCallback(bar=True)``); without, nothing (a ``ProgressLineCallback()`` the
+    caller passed in ``callbacks`` still prints its lines, e.g. the demo's)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from .report import ProgressLineCallback
+
+    handler = trainer.callback_handler
+    for cb in list(handler.callbacks):
+        if isinstance(cb, (ProgressCallback, PrinterCallback)) or type(cb).__name__ == "NotebookProgressCallback":
+            trainer.remove_callback(cb)
+    if progress:
+        theirs = [cb for cb in handler.callbacks if isinstance(cb, ProgressLineCallback)]
+        for cb in theirs:   # one line per log, not two
+            trainer.remove_callback(cb)
+        trainer.add_callback(ProgressLineCallback(bar=True))
+
+
+def _write_report(out: Path) -> str | None:
+    """report.html of the finished run; any failure is one warning line (the model and
+    train_results.json are already saved, and ``percontrast report`` can be rerun)."""
+    import sys
+
+    from .report import ReportConfig
+    from .report import run as write_report
+    try:
+        return write_report(ReportConfig(run_dir=str(out)))["report"]
+    except Exception as e:  # noqa: BLE001 - a report must never cost the trained model
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"warning: report.html not written ({type(e).__name__}: {first}); the model and "
+              f"train_results.json are saved; rerun: percontrast report {out}", file=sys.stderr)
+        return None
 
 
 def training_arguments(cfg: TrainConfig):
@@ -201,5 +241,7 @@ def run(cfg: TrainConfig) -> dict:
     }
     if main_proc:
         write_text_atomic(out / "train_results.json", json.dumps(summary, indent=2, default=str))
+        if cfg.report:
+            summary = {**summary, "report": _write_report(out)}
     return summary
 
