@@ -13,9 +13,17 @@ personas) under ``percontrast.datasets``. See ARCHITECTURE.md.
 from . import _moved
 from .losses import LOSSES, ce_loss, clip_weights, entce_loss, lossce_loss, perce_loss, weighted_nll
 from .pir import pir, token_entropy, token_logprobs
-from .commands.score import score_text
 
 _moved.install()   # old module paths (percontrast.train, ...) keep working for one release
+
+
+def __getattr__(name: str):
+    # score_text lives with the score command; imported on first use so that importing the
+    # formulas does not load the command layer
+    if name == "score_text":
+        from .commands.score import score_text
+        return score_text
+    raise AttributeError(f"module 'percontrast' has no attribute {name!r}")
 
 __version__ = "0.2.0"
 __all__ = ["pir", "token_logprobs", "token_entropy", "clip_weights", "weighted_nll", "ce_loss", "perce_loss",

@@ -183,7 +183,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, **kw)
             continue
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            if flag.startswith("--no-"):
+                # BooleanOptionalAction reads any "--no-..." as False: a field named no_x gets one plain
+                # switch that sets it (before this, --no-profile silently left no_profile False)
+                parser.add_argument(flag, action="store_const", const=True, **kw)
+            else:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             continue
         choices = f.metadata.get("choices") or (get_args(tp) if get_origin(tp) is Literal else None)
         if choices:

@@ -146,18 +146,34 @@ class DecodingOptions:
     top_p: float = field(1.0, help="Nucleus sampling mass (with --do-sample).")
     repetition_penalty: float = field(1.0, help="Repetition penalty (1.0: none).")
     batch_size: int = field(16, help="Prompts generated together (left-padded, KV cache).")
+    contrast_alpha: float = field(0.0, help="Profile-contrastive decoding (0: off): each step scores token v by "
+                                  "s(v) = log p(v | profile, x, y<t) + A * [log p(v | profile, x, y<t) - "
+                                  "log p(v | x, y<t)], i.e. the with-profile log-prob plus A times the token's "
+                                  "PIR (classifier-free guidance with the profile as the context, gamma = 1 + A). "
+                                  "Both prompts of every row run in one batched forward per step.")
+    contrast_plausibility: float = field(0.1, help="With --contrast-alpha: only tokens whose with-profile "
+                                         "probability is at least this fraction of the top token's are eligible "
+                                         "(the plausibility guard of contrastive decoding; 0: off).")
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise UserError("max_new_tokens and batch_size must be >= 1")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise UserError("need temperature > 0, 0 < top_p <= 1, repetition_penalty > 0")
+        if self.contrast_alpha < 0 or not 0 <= self.contrast_plausibility <= 1:
+            raise UserError("need contrast_alpha >= 0 and 0 <= contrast_plausibility <= 1")
+        if self.contrast_alpha > 0 and self.repetition_penalty != 1.0:
+            raise UserError("--contrast-alpha does not combine with --repetition-penalty (not implemented)")
         _parent_post_init(self, DecodingOptions)
 
     @property
     def plain_greedy(self) -> bool:
         """Our own batched greedy loop applies; anything else goes through ``model.generate``."""
         return not self.do_sample and self.repetition_penalty == 1.0
+
+    @property
+    def contrastive(self) -> bool:
+        return self.contrast_alpha > 0
 
     def generate_kwargs(self, tokenizer, end_ids: set[int] | None = None) -> dict:
         """``model.generate`` arguments; ``end_ids`` (default: the tokenizer's EOS) all stop a row."""
