@@ -41,27 +41,40 @@ def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, att
 
 
-def _greedy_batch(model, batch: list[list[int]], max_new_tokens: int, eos: set[int], pad_id: int,
-                  device) -> list[list[int]]:
-    """Greedy continuation ids (EOS excluded) for one left-padded batch, dropping finished rows."""
+def _prefill(model, prompts: list[list[int]], pad_id: int, device):
+    """One forward over the left-padded prompts into a fresh KV cache, the LM head on the last
+    position only: (output, attention mask, cache)."""
     from transformers import DynamicCache
 
-    ids, att = _left_pad(batch, pad_id)
+    ids, att = _left_pad(prompts, pad_id)
     ids, att = ids.to(device), att.to(device)
     pos = (att.cumsum(-1) - 1).clamp(min=0)  # real tokens count from 0 in every row
     cache = DynamicCache(config=model.config)
     out = model(input_ids=ids, attention_mask=att, position_ids=pos, cache=cache, use_cache=True,
                 logits_to_keep=1)
+    return out, att, cache
+
+
+def _append(nxt: torch.Tensor, rows: list[int], result: list[list[int]], eos: set[int]) -> list[int]:
+    """Append each live row's new token to its result; the batch positions that go on (not ended)."""
+    keep = []
+    for j, tok in enumerate(nxt.tolist()):
+        if tok in eos:
+            continue
+        result[rows[j]].append(tok)
+        keep.append(j)
+    return keep
+
+
+def _greedy_batch(model, batch: list[list[int]], max_new_tokens: int, eos: set[int], pad_id: int,
+                  device) -> list[list[int]]:
+    """Greedy continuation ids (EOS excluded) for one left-padded batch, dropping finished rows."""
+    out, att, cache = _prefill(model, batch, pad_id, device)
     rows = list(range(len(batch)))          # original row of each live batch position
     result: list[list[int]] = [[] for _ in batch]
     for step in range(max_new_tokens):
         nxt = out.logits[:, -1, :].argmax(-1)
-        keep = []
-        for j, tok in enumerate(nxt.tolist()):
-            if tok in eos:
-                continue
-            result[rows[j]].append(tok)
-            keep.append(j)
+        keep = _append(nxt, rows, result, eos)
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < len(rows):  # drop finished rows from the batch and the cache
@@ -106,15 +119,8 @@ def _contrast_batch(model, with_p: list[list[int]], without_p: list[list[int]], 
     """Contrastive continuation ids for one batch: the B with-profile and B profile-free prompts are
     one left-padded batch of 2B rows (rows b and B + b belong together) with one KV cache; each step
     scores with ``contrast_scores``, appends the chosen token to both rows, and drops finished pairs."""
-    from transformers import DynamicCache
-
     B = len(with_p)
-    ids, att = _left_pad(with_p + without_p, pad_id)
-    ids, att = ids.to(device), att.to(device)
-    pos = (att.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=att, position_ids=pos, cache=cache, use_cache=True,
-                logits_to_keep=1)
+    out, att, cache = _prefill(model, with_p + without_p, pad_id, device)
     rows = list(range(B))
     result: list[list[int]] = [[] for _ in range(B)]
     for step in range(options.max_new_tokens):
@@ -122,12 +128,7 @@ def _contrast_batch(model, with_p: list[list[int]], without_p: list[list[int]], 
         last = out.logits[:, -1, :]
         nxt = _pick(contrast_scores(last[:n], last[n:], options.contrast_alpha, options.contrast_plausibility),
                     options, generator)
-        keep = []
-        for j, tok in enumerate(nxt.tolist()):
-            if tok in eos:
-                continue
-            result[rows[j]].append(tok)
-            keep.append(j)
+        keep = _append(nxt, rows, result, eos)
         if not keep or step == options.max_new_tokens - 1:
             break
         if len(keep) < n:   # a finished row leaves both halves of the batch and the cache

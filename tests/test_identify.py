@@ -242,28 +242,10 @@ def test_run_reads_a_prepared_folder_and_rejects_missing_spans(tmp_path):
 
 def test_run_loads_the_model_with_dtype_and_trust_remote_code(tmp_path, monkeypatch):
     """identify honours the shared model options (it used to load every model in float32, no remote code)."""
-    import argparse
-
-    from percontrast import config as C
-    from percontrast import models
-
-    class Loaded(Exception):
-        pass
-
-    calls = []
-
-    def record(name, **kw):  # stands in for the model load: note the arguments, stop the run there
-        calls.append((name, kw))
-        raise Loaded
-
-    monkeypatch.setattr(models, "load_model", record)
-    p = argparse.ArgumentParser()
-    C.add_arguments(p, I.IdentifyConfig)
-    cfg = C.from_args(I.IdentifyConfig, p.parse_args(
-        ["--model", "some/model", "--dtype", "bfloat16", "--trust-remote-code", "--n-personas", "9",
-         "--output-dir", str(tmp_path / "o")]))
-    with pytest.raises(Loaded):
-        I.run(cfg)
+    from helpers import model_load_args
+    calls = model_load_args(monkeypatch, I, I.IdentifyConfig, [
+        "--model", "some/model", "--dtype", "bfloat16", "--trust-remote-code", "--n-personas", "9",
+        "--output-dir", str(tmp_path / "o")])
     assert calls == [("some/model", {"dtype": "bfloat16", "trust_remote_code": True, "device": None})]
 
 

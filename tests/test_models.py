@@ -115,27 +115,11 @@ def test_damaged_lora_folder_is_one_line(tmp_path):
 
 def test_demo_loads_the_model_with_dtype_and_trust_remote_code(tmp_path, monkeypatch):
     """demo honours the shared model options (it used to ignore --dtype and --trust-remote-code)."""
-    import argparse
+    from helpers import model_load_args
 
-    from percontrast import config as C
     from percontrast.commands import demo
-
-    class Loaded(Exception):
-        pass
-
-    calls = []
-
-    def record(name, **kw):  # stands in for the model load: note the arguments, stop the run there
-        calls.append((name, kw))
-        raise Loaded
-
-    monkeypatch.setattr(models, "load_model", record)
-    p = argparse.ArgumentParser()
-    C.add_arguments(p, demo.DemoConfig)
-    cfg = C.from_args(demo.DemoConfig, p.parse_args(
-        ["--model", "some/model", "--dtype", "float16", "--trust-remote-code", "--output-dir", str(tmp_path / "d")]))
-    with pytest.raises(Loaded):
-        demo.run(cfg)
+    calls = model_load_args(monkeypatch, demo, demo.DemoConfig, [
+        "--model", "some/model", "--dtype", "float16", "--trust-remote-code", "--output-dir", str(tmp_path / "d")])
     assert calls == [("some/model", {"dtype": "float16", "trust_remote_code": True, "device": None})]
 
 

@@ -81,3 +81,31 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
         return {}
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def model_load_args(monkeypatch, module, cls, argv: list[str]) -> list:
+    """Parse ``argv`` into ``cls`` as the CLI does and run ``module.run`` with
+    ``percontrast.models.load_model`` replaced by a recorder that stops the run at the model load;
+    returns the recorded [(name, kwargs)]."""
+    import argparse
+
+    import pytest
+
+    from percontrast import config as C
+    from percontrast import models
+
+    class Loaded(Exception):
+        pass
+
+    calls = []
+
+    def record(name, **kw):
+        calls.append((name, kw))
+        raise Loaded
+
+    monkeypatch.setattr(models, "load_model", record)
+    p = argparse.ArgumentParser()
+    C.add_arguments(p, cls)
+    with pytest.raises(Loaded):
+        module.run(C.from_args(cls, p.parse_args(argv)))
+    return calls
