@@ -146,12 +146,14 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         dist.all_gather_object(gathered, entries)
         return {i: v for part in gathered for i, v in part.items()}
 
-    def _pir(self, model, inputs, logp_with: torch.Tensor) -> torch.Tensor:
-        """PIR [B, R] for this batch, fresh or from the per-example cache (``logp_with`` detached)."""
+    def _pir(self, model, inputs, logp_with) -> torch.Tensor:
+        """PIR [B, R] for this batch, fresh or from the per-example cache. ``logp_with()`` gives the
+        detached with-profile log-probs; it is called only when PIR is re-estimated, so a cached step
+        with a dropout model skips the extra eval-mode forward too."""
         p = self.perce
         if p.refresh == "step":
             self._metrics["pir_refreshed"].append(1.0)
-            return logp_with - self._cf_logp(model, inputs)
+            return logp_with() - self._cf_logp(model, inputs)
         step = self.state.global_step
         # every_k: optimizer steps divisible by k re-estimate their whole batch; other steps reuse
         # each example's cached PIR (from its last visit) and compute only examples never seen.
@@ -161,15 +163,16 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         stale = [refresh_all or i not in self._pir_cache for i in idx]
         # All ranks run the E-step if any needs it (a forward only some ranks run hangs FSDP / ZeRO-3).
         if self._any_rank(any(stale)):
-            fresh = logp_with - self._cf_logp(model, inputs)
+            fresh = logp_with() - self._cf_logp(model, inputs)
             new = {i: fresh[b, : lengths[b]].cpu() for b, i in enumerate(idx) if stale[b]}
             self._pir_cache.update(self._share(new))
             self._metrics["pir_refreshed"].append(sum(stale) / len(idx))
         else:
             self._metrics["pir_refreshed"].append(0.0)
-        out = torch.zeros_like(logp_with)
-        for b, i in enumerate(idx):
-            out[b, : lengths[b]] = self._pir_cache[i].to(out.device)
+        cached = [self._pir_cache[i] for i in idx]
+        out = torch.zeros(inputs["response_mask"].shape, dtype=cached[0].dtype, device=inputs["response_mask"].device)
+        for b, c in enumerate(cached):
+            out[b, : lengths[b]] = c.to(out.device)
         return out
 
     # -- M-step ---------------------------------------------------------------------
@@ -182,13 +185,13 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         else:
             logp, logits = naive_with_profile_logp(model, inputs)
         extra = {}
-        if p.method != "ce":
+        if p.method == "perce":
+            extra["pir"] = self._pir(model, inputs, lambda: self._signal_logits(model, inputs, logp, logits)[0])
+        elif p.method != "ce":
             sig_logp, sig_logits = self._signal_logits(model, inputs, logp, logits)
-            if p.method == "perce":
-                extra["pir"] = self._pir(model, inputs, sig_logp)
-            elif p.method == "entce":
+            if p.method == "entce":
                 extra["entropy"] = token_entropy(sig_logits)
-            elif p.method == "lossce":
+            else:
                 extra["token_loss"] = -sig_logp
         loss = LOSSES[p.method](logp, mask, clip_min=p.clip_min, clip_max=p.clip_max, normalize=p.normalize,
                                 num_items=num_items_in_batch, **extra)
