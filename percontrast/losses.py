@@ -1,4 +1,4 @@
-"""Token-weighted cross-entropy losses: ``ce``, ``perce``, ``lossce``, ``entce``.
+"""Token-weighted cross-entropy losses: ``ce``, ``perce``, ``lossce``, ``entce``, ``jsd``, ``threshold``.
 
 All take per-token log-probs ``logp`` [B, R] of the gold response tokens under the
 with-profile prompt, and a 0/1 ``mask`` [B, R] of real response positions. The three
@@ -7,20 +7,30 @@ weighted losses share one rule and differ only in the signal that is clipped:
     w_i = clip(signal_i, m, M)   (detached: a constant for autograd)
     L   = sum_i w_i * -logp_i / n
 
-``signal`` is PIR (PerCE, the paper), the token's own NLL (LossCE, Rho-1 flavour) or
-the predictive entropy (EntCE). ``n`` is the number of response tokens (``"tokens"``,
+``signal`` is PIR (PerCE, the paper), the token's own NLL (LossCE, Rho-1 flavour),
+the predictive entropy (EntCE), or one of two NextQuill-style signals (arXiv 2506.02368
+weights tokens by the causal effect of the user history; these are our two readings of it,
+not that paper's code): ``jsd``, the Jensen-Shannon divergence between the with-profile and
+profile-free next-token distributions divided by its mean over the micro-batch's response
+tokens (JS lies in [0, ln 2], below any sensible clip floor; relative to its mean it says
+"k times the typical shift", so the same clip applies), and ``threshold``, the clip's upper
+end M where PIR > margin (the profile multiplied the gold token's probability by more than
+e^margin) and its lower end m elsewhere. ``n`` is the number of response tokens (``"tokens"``,
 the paper's -1/n sum) or the sum of weights (``"weights"``). Under gradient
 accumulation / several processes ``num_items`` is the response-token count of the
 whole optimizer step, so that micro-batch losses add up to the full-batch loss.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 
 Normalize = Literal["tokens", "weights"]
-METHODS = ("ce", "lossce", "entce", "perce")   # the one list; tables use this order
+METHODS = ("ce", "lossce", "entce", "perce", "jsd", "threshold")   # the one list; tables use this order
+# Methods whose weights need the profile-free forward (the E-step) every step.
+CONTRAST_METHODS = ("perce", "jsd", "threshold")
 
 
 def clip_weights(signal: torch.Tensor, clip_min: float, clip_max: float) -> torch.Tensor:
@@ -71,4 +81,29 @@ def entce_loss(logp, mask, entropy, clip_min=0.8, clip_max=5.0, normalize: Norma
     return weighted_nll(logp, clip_weights(entropy, clip_min, clip_max), mask, normalize, num_items)
 
 
-LOSSES = {"ce": ce_loss, "perce": perce_loss, "lossce": lossce_loss, "entce": entce_loss}
+def relative_jsd(jsd: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """JS divergence over its mean on the real response tokens (mean 1 before clipping; detached)."""
+    m = mask.to(jsd.dtype)
+    mean = (jsd.detach() * m).sum() / m.sum().clamp(min=1)
+    return jsd.detach() / mean.clamp(min=torch.finfo(jsd.dtype).tiny)
+
+
+def threshold_weights(pir: torch.Tensor, margin: float, low: float, high: float) -> torch.Tensor:
+    """``high`` where PIR > margin, ``low`` elsewhere (detached)."""
+    pir = pir.detach()
+    return torch.where(pir > margin, torch.full_like(pir, high), torch.full_like(pir, low))
+
+
+def jsd_loss(logp, mask, jsd, clip_min=0.8, clip_max=5.0, normalize: Normalize = "tokens", num_items=None, **_):
+    """NextQuill-style (ours): CE weighted by clip(JS / mean JS, m, M)."""
+    return weighted_nll(logp, clip_weights(relative_jsd(jsd, mask), clip_min, clip_max), mask, normalize, num_items)
+
+
+def threshold_loss(logp, mask, pir, clip_min=0.8, clip_max=5.0, normalize: Normalize = "tokens", num_items=None,
+                   margin: float = math.log(2.0), **_):
+    """NextQuill-style (ours): weight M on tokens whose PIR exceeds ``margin``, m on the rest."""
+    return weighted_nll(logp, threshold_weights(pir, margin, clip_min, clip_max), mask, normalize, num_items)
+
+
+LOSSES = {"ce": ce_loss, "perce": perce_loss, "lossce": lossce_loss, "entce": entce_loss,
+          "jsd": jsd_loss, "threshold": threshold_loss}

@@ -109,7 +109,13 @@ def check_clip(clip_min: float, clip_max: float, allow_negative: bool = False) -
 class LossOptions:
     """The training loss; ``PerCETrainer`` takes this object as it is (no copy of the fields)."""
     method: str = field("perce", help="Loss: ce (plain), perce (PIR weights, the paper), lossce (weights "
-                        "from the token loss), entce (weights from predictive entropy).", choices=METHODS)
+                        "from the token loss), entce (weights from predictive entropy), jsd (NextQuill-style: "
+                        "Jensen-Shannon divergence between the with-profile and profile-free next-token "
+                        "distributions, over its mean on the batch's response tokens), threshold (NextQuill-"
+                        "style: clip_max where PIR > --threshold-margin, clip_min elsewhere). All weights are "
+                        "clipped to [clip_min, clip_max] and held constant for autograd.", choices=METHODS)
+    threshold_margin: float = field(0.693, help="threshold: the PIR (nats) above which a token gets clip_max "
+                                    "(0.693 = ln 2: the profile at least doubled its probability).")
     clip_min: float = field(0.8, help="m: lower clip of the token weights (the paper's 0.8).")
     clip_max: float = field(5.0, help="M: upper clip of the token weights (the paper's 5.0).")
     allow_negative_clip: bool = field(False, help="Permit clip_min < 0 (negative-PIR tokens then get "
@@ -145,6 +151,12 @@ class DecodingOptions:
     temperature: float = field(1.0, help="Sampling temperature (with --do-sample).")
     top_p: float = field(1.0, help="Nucleus sampling mass (with --do-sample).")
     repetition_penalty: float = field(1.0, help="Repetition penalty (1.0: none).")
+    no_repeat_ngram_size: int = field(0, help="Ban any token that would complete an N-gram already present in "
+                                      "the row's own generated continuation (0: off). Only generated tokens "
+                                      "count, not the prompt: copying a phrase of the profile or the input is "
+                                      "allowed, repeating one the model already wrote is not (transformers' "
+                                      "no_repeat_ngram_size counts the prompt too). Works in every decoding "
+                                      "path: greedy, sampling, --contrast-alpha.")
     batch_size: int = field(16, help="Prompts generated together (left-padded, KV cache).")
     contrast_alpha: float = field(0.0, help="Profile-contrastive decoding (0: off): each step scores token v by "
                                   "s(v) = log p(v | profile, x, y<t) + A * [log p(v | profile, x, y<t) - "
@@ -154,6 +166,15 @@ class DecodingOptions:
     contrast_plausibility: float = field(0.1, help="With --contrast-alpha: only tokens whose with-profile "
                                          "probability is at least this fraction of the top token's are eligible "
                                          "(the plausibility guard of contrastive decoding; 0: off).")
+    contrast_counterfactual: str = field(
+        "remove", help="With --contrast-alpha: what the profile is contrasted with. remove: the same request "
+        "without the profile (see --counterfactual-prompt), s(v) = log p(v | profile, x, y<t) + A * "
+        "[log p(v | profile, x, y<t) - log p(v | x, y<t)], 'this user rather than no user'; swap: the same "
+        "request with another user's profile p', s(v) = log p(v | profile, x, y<t) + A * "
+        "[log p(v | profile, x, y<t) - log p(v | p', x, y<t)], 'this user rather than any user'. The other "
+        "user is chosen as 'score --counterfactual swap' chooses it: per record, by --seed, among the users "
+        "of the records given (after --limit). No effect at --contrast-alpha 0.",
+        choices=("remove", "swap"))
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.batch_size < 1:
@@ -162,25 +183,41 @@ class DecodingOptions:
             raise UserError("need temperature > 0, 0 < top_p <= 1, repetition_penalty > 0")
         if self.contrast_alpha < 0 or not 0 <= self.contrast_plausibility <= 1:
             raise UserError("need contrast_alpha >= 0 and 0 <= contrast_plausibility <= 1")
+        if self.no_repeat_ngram_size < 0:
+            raise UserError(f"no_repeat_ngram_size must be >= 0 (0: off), got {self.no_repeat_ngram_size}")
+        if self.contrast_counterfactual not in ("remove", "swap"):
+            raise UserError(f"contrast_counterfactual must be remove or swap, got {self.contrast_counterfactual!r}")
         if self.contrast_alpha > 0 and self.repetition_penalty != 1.0:
             raise UserError("--contrast-alpha does not combine with --repetition-penalty (not implemented)")
         _parent_post_init(self, DecodingOptions)
 
     @property
     def plain_greedy(self) -> bool:
-        """Our own batched greedy loop applies; anything else goes through ``model.generate``."""
+        """Our own batched greedy loop applies (with or without the n-gram ban); anything else goes
+        through ``model.generate``."""
         return not self.do_sample and self.repetition_penalty == 1.0
 
     @property
     def contrastive(self) -> bool:
         return self.contrast_alpha > 0
 
+    def refuse_unused_contrast_options(self) -> None:
+        """For one-run commands (generate, eval): --contrast-counterfactual swap without --contrast-alpha
+        would silently decode plainly. (Not checked in ``__post_init__``: an alpha grid that includes 0
+        shares the other decoding settings.)"""
+        if self.contrast_counterfactual != "remove" and not self.contrastive:
+            raise UserError(f"--contrast-counterfactual {self.contrast_counterfactual} only changes "
+                            "contrastive decoding; give --contrast-alpha > 0")
+
     def generate_kwargs(self, tokenizer, end_ids: set[int] | None = None) -> dict:
-        """``model.generate`` arguments; ``end_ids`` (default: the tokenizer's EOS) all stop a row."""
+        """``model.generate`` arguments; ``end_ids`` (default: the tokenizer's EOS) all stop a row.
+        transformers' own ``no_repeat_ngram_size`` (it counts the prompt) is switched off, also where
+        the model's generation config sets it; ``generation._hf_generate_batch`` adds our n-gram ban
+        (generated tokens only) as a logits processor, since it needs the prompt length."""
         stop = sorted(end_ids) if end_ids else tokenizer.eos_token_id
         kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
               "repetition_penalty": self.repetition_penalty, "pad_token_id": tokenizer.pad_token_id,
-              "eos_token_id": stop, "use_cache": True}
+              "eos_token_id": stop, "use_cache": True, "no_repeat_ngram_size": 0}
         if self.do_sample:
             kw.update(temperature=self.temperature, top_p=self.top_p)
         else:  # silence "temperature is set but do_sample=False" from the model's own generation config

@@ -10,6 +10,8 @@ token more likely (a personal token). This module holds the pure tensor function
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -36,6 +38,18 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Predictive entropy (nats) of the next-token distribution at each position."""
     logp = torch.log_softmax(upcast(logits), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence (nats, in [0, ln 2]) between the two next-token distributions at
+    each position: JS = (KL(p||m) + KL(q||m)) / 2 with m = (p + q) / 2. Unlike PIR it looks at the
+    whole distribution, not at the gold token: how much the profile moved the prediction at all."""
+    lp, lq = torch.log_softmax(upcast(logits_a), -1), torch.log_softmax(upcast(logits_b), -1)
+    lm = torch.logaddexp(lp, lq) - math.log(2.0)
+    # xlogy-style: a token with p = 0 contributes 0 (exp(-inf) * finite = 0, never nan)
+    kl_pm = (lp.exp() * (lp - lm)).nan_to_num(0.0).sum(-1)
+    kl_qm = (lq.exp() * (lq - lm)).nan_to_num(0.0).sum(-1)
+    return ((kl_pm + kl_qm) / 2).clamp(min=0.0)
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,14 @@ def _no_checkpointing(model):
 
 
 @torch.no_grad()
+def response_nll(model, batch: dict) -> tuple[float, float]:
+    """(sum of -log p(y_i | profile, x, y_<i) over the real response tokens, their count); no grad."""
+    logp = token_logprobs(with_profile_logits(model, batch), batch["response_ids"])
+    mask = batch["response_mask"].to(logp.dtype)
+    return float(-(logp * mask).sum()), float(mask.sum())
+
+
+@torch.no_grad()
 def counterfactual_logits(model, batch: dict) -> torch.Tensor:
     """Logits [B, R, V] of the profile-free pass at the response-predicting positions, no autograd state."""
     with _no_checkpointing(model):
@@ -108,6 +116,13 @@ def naive_counterfactual_logp(model, batch: dict) -> torch.Tensor:
     """The E-step the naive way (full logits over the profile-free sequence); still no grad."""
     return naive_response_logp(model, batch["cf_input_ids"], batch["cf_attention_mask"], batch["cf_position_ids"],
                                batch["cf_resp_start"], batch["response_ids"])[0]
+
+
+@torch.no_grad()
+def naive_counterfactual_logits(model, batch: dict) -> torch.Tensor:
+    """Profile-free logits [B, R, V] the naive way (jsd's E-step)."""
+    return naive_response_logp(model, batch["cf_input_ids"], batch["cf_attention_mask"], batch["cf_position_ids"],
+                               batch["cf_resp_start"], batch["response_ids"])[1]
 
 
 @dataclass

@@ -18,6 +18,9 @@ whether a micro-batch runs the E-step (one all-reduce: FSDP and ZeRO-3 need ever
 run the same forwards) and share what they computed, so every rank's cache, and the one
 rank 0 checkpoints, holds every example: N processes behave like one.
 
+``threshold`` uses the same PIR (and cache); ``jsd`` keeps the profile-free logits of the E-step
+and weighs by the Jensen-Shannon divergence of the two next-token distributions (``losses.py``).
+
 Weights never see dropout: the E-step runs in eval mode, and when the model has dropout
 (``lora_dropout``, ``attention_dropout``, ...) the with-profile log-probs behind PIR (and the
 LossCE / EntCE signals) come from an extra no-grad eval-mode forward instead of the training
@@ -39,10 +42,11 @@ from transformers import Trainer
 
 from .checkpointing import AtomicCheckpointMixin
 from .errors import UserError
-from .losses import LOSSES, clip_weights
+from .losses import CONTRAST_METHODS, LOSSES, clip_weights, relative_jsd, threshold_weights
 from .options import LossOptions
-from .pir import token_entropy, token_logprobs
-from .scoring import counterfactual_logp, naive_counterfactual_logp, naive_with_profile_logp, with_profile_logits
+from .pir import js_divergence, token_entropy, token_logprobs
+from .scoring import (counterfactual_logits, counterfactual_logp, naive_counterfactual_logits, naive_counterfactual_logp,
+                      naive_with_profile_logp, with_profile_logits)
 
 logger = logging.getLogger(__name__)
 
@@ -111,14 +115,20 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         self.counterfactual_passes = 0   # E-step forwards run (refresh=every_k/once cache them)
         # A weighted loss whose weights would see dropout recomputes them in eval mode (see top).
         self.signal_needs_eval_pass = self.perce.method != "ce" and has_dropout(self.model)
-        if self.perce.method == "perce":
-            logger.info("PerCE weights: %s", refresh_label(self.perce))
+        if self.perce.method in CONTRAST_METHODS:
+            logger.info("%s weights: %s", self.perce.method, refresh_label(self.perce))
 
     # -- E-step ---------------------------------------------------------------------
     def _cf_logp(self, model, inputs) -> torch.Tensor:
         self.counterfactual_passes += 1
         with eval_mode(model):
             return (counterfactual_logp if self.perce.fast else naive_counterfactual_logp)(model, inputs)
+
+    def _cf_logits(self, model, inputs) -> torch.Tensor:
+        """Profile-free logits [B, R, V] (jsd needs the whole distribution, not the gold token's log-prob)."""
+        self.counterfactual_passes += 1
+        with eval_mode(model):
+            return (counterfactual_logits if self.perce.fast else naive_counterfactual_logits)(model, inputs)
 
     def _signal_logits(self, model, inputs, logp: torch.Tensor, logits: torch.Tensor):
         """(log-probs [B, R], logits [B, R, V]) with the profile, detached, as the weights must see
@@ -150,10 +160,20 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         """PIR [B, R] for this batch, fresh or from the per-example cache. ``logp_with()`` gives the
         detached with-profile log-probs; it is called only when PIR is re-estimated, so a cached step
         with a dropout model skips the extra eval-mode forward too."""
+        return self._contrast_signal(inputs, lambda: logp_with() - self._cf_logp(model, inputs))
+
+    def _jsd(self, model, inputs, logits_with) -> torch.Tensor:
+        """JS divergence [B, R] between the with-profile (``logits_with()``) and profile-free
+        next-token distributions, fresh or cached like PIR."""
+        return self._contrast_signal(inputs, lambda: js_divergence(logits_with(), self._cf_logits(model, inputs)))
+
+    def _contrast_signal(self, inputs, fresh_fn) -> torch.Tensor:
+        """The E-step's per-token signal [B, R]: ``fresh_fn()`` every step (the paper's bootstrap), or
+        the per-example cache of --refresh every_k / once (see the module docstring)."""
         p = self.perce
         if p.refresh == "step":
             self._metrics["pir_refreshed"].append(1.0)
-            return logp_with() - self._cf_logp(model, inputs)
+            return fresh_fn()
         step = self.state.global_step
         # every_k: optimizer steps divisible by k re-estimate their whole batch; other steps reuse
         # each example's cached PIR (from its last visit) and compute only examples never seen.
@@ -163,7 +183,7 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         stale = [refresh_all or i not in self._pir_cache for i in idx]
         # All ranks run the E-step if any needs it (a forward only some ranks run hangs FSDP / ZeRO-3).
         if self._any_rank(any(stale)):
-            fresh = logp_with() - self._cf_logp(model, inputs)
+            fresh = fresh_fn()
             new = {i: fresh[b, : lengths[b]].cpu() for b, i in enumerate(idx) if stale[b]}
             self._pir_cache.update(self._share(new))
             self._metrics["pir_refreshed"].append(sum(stale) / len(idx))
@@ -185,8 +205,12 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         else:
             logp, logits = naive_with_profile_logp(model, inputs)
         extra = {}
-        if p.method == "perce":
+        if p.method in ("perce", "threshold"):
             extra["pir"] = self._pir(model, inputs, lambda: self._signal_logits(model, inputs, logp, logits)[0])
+            if p.method == "threshold":
+                extra["margin"] = p.threshold_margin
+        elif p.method == "jsd":
+            extra["jsd"] = self._jsd(model, inputs, lambda: self._signal_logits(model, inputs, logp, logits)[1])
         elif p.method != "ce":
             sig_logp, sig_logits = self._signal_logits(model, inputs, logp, logits)
             if p.method == "entce":
@@ -195,7 +219,7 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
                 extra["token_loss"] = -sig_logp
         loss = LOSSES[p.method](logp, mask, clip_min=p.clip_min, clip_max=p.clip_max, normalize=p.normalize,
                                 num_items=num_items_in_batch, **extra)
-        self._check_finite(loss, inputs, extra)
+        self._check_finite(loss, inputs, {k: v for k, v in extra.items() if torch.is_tensor(v)})
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # DDP averages gradients over processes; num_items_in_batch counts all of them.
             loss = loss * self.accelerator.num_processes
@@ -235,14 +259,20 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         m = mask.bool()
         if not m.any():
             return
-        signal = {"perce": extra.get("pir"), "lossce": extra.get("token_loss"),
-                  "entce": extra.get("entropy")}.get(p.method)
+        signal = {"perce": extra.get("pir"), "lossce": extra.get("token_loss"), "entce": extra.get("entropy"),
+                  "threshold": extra.get("pir"), "jsd": extra.get("jsd")}.get(p.method)
         if signal is None:
             self._metrics["mean_weight"].append(1.0)
             return
-        w = clip_weights(signal, p.clip_min, p.clip_max)
+        if p.method == "threshold":
+            w = threshold_weights(signal, p.threshold_margin, p.clip_min, p.clip_max)
+        elif p.method == "jsd":
+            w = clip_weights(relative_jsd(signal, mask), p.clip_min, p.clip_max)
+            self._metrics["mean_jsd"].append(signal[m].mean().item())
+        else:
+            w = clip_weights(signal, p.clip_min, p.clip_max)
         self._metrics["mean_weight"].append(w[m].mean().item())
-        if p.method == "perce":
+        if p.method in ("perce", "threshold"):
             self._metrics["mean_pir"].append(signal[m].mean().item())
             self._metrics["share_pir_above_min"].append((signal[m] > p.clip_min).float().mean().item())
 

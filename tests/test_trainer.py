@@ -114,7 +114,7 @@ def _batch_loss(model, tok, records, task):
 
 
 @pytest.mark.parametrize("method,lora", [("ce", False), ("perce", False), ("lossce", False), ("entce", False),
-                                         ("perce", True)])
+                                         ("jsd", False), ("threshold", False), ("perce", True)])
 def test_training_changes_params_and_lowers_loss(tmp_path, sample_train, email_task, method, lora):
     model, tok = load_model("tiny-random")
     batch = sample_train[:4]
@@ -154,7 +154,8 @@ def test_refresh_every_k_reuses_cached_pir(tmp_path, sample_train, monkeypatch):
 
 
 # -- weights without dropout (review defect: PIR was a difference of two dropout masks) -----------
-@pytest.mark.parametrize("method,signal", [("perce", "pir"), ("lossce", "token_loss"), ("entce", "entropy")])
+@pytest.mark.parametrize("method,signal", [("perce", "pir"), ("lossce", "token_loss"), ("entce", "entropy"),
+                                           ("threshold", "pir"), ("jsd", "jsd")])
 def test_weights_see_no_dropout(tmp_path, sample_train, monkeypatch, method, signal):
     """With lora_dropout 0.5 the signal behind the training weights equals what eval mode (what
     `percontrast score` uses) gives on the same batch: the same kernels on the same inputs, so equal."""
@@ -184,8 +185,14 @@ def test_weights_see_no_dropout(tmp_path, sample_train, monkeypatch, method, sig
     assert not torch.equal(a, b)
     tr.model.eval()
     s = score_batch(tr.model, batch)
-    want = {"pir": s.pir, "token_loss": -s.logp_with, "entropy": s.entropy}[signal]
-    assert torch.equal(seen[signal][mask], want[mask])
+    if signal == "jsd":
+        from percontrast.pir import js_divergence
+        from percontrast.scoring import counterfactual_logits
+        with torch.no_grad():
+            want = {"jsd": js_divergence(with_profile_logits(tr.model, batch), counterfactual_logits(tr.model, batch))}
+    else:
+        want = {"pir": s.pir, "token_loss": -s.logp_with, "entropy": s.entropy}
+    assert torch.equal(seen[signal][mask], want[signal][mask])
 
 
 def test_no_dropout_means_no_extra_pass(tmp_path, sample_train):

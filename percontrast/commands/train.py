@@ -1,4 +1,4 @@
-"""``percontrast train``: fine-tune with ce / perce / lossce / entce, full or LoRA.
+"""``percontrast train``: fine-tune with ce / perce / lossce / entce / jsd / threshold, full or LoRA.
 
     percontrast train --model smollm2-135m --data train.jsonl --task email
         --method perce --clip-min 0.8 --clip-max 5.0 --lora --output-dir runs/perce
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..config import field
 from ..errors import UserError
+from ..losses import CONTRAST_METHODS
 from ..options import LossOptions, ModelDataOptions
 
 
@@ -55,6 +56,11 @@ class TrainConfig(ModelDataOptions, LossOptions):
                            "loss and mean PIR on stderr (--no-progress: silent).")
     report: bool = field(True, help="At the end, write report.html with plots of the run into --output-dir "
                          "(percontrast report; a failure there is a warning, the model is saved before).")
+    eval_data: str = field("", help="Validation records for a learning curve: every --eval-every steps (and "
+                           "at step 0) the NLL per token of their gold responses with the profile is logged as "
+                           "val_nll (model in eval mode, no gradient).")
+    eval_every: int = field(0, help="Steps between val_nll evaluations (0: none).")
+    eval_limit: int = field(32, help="Use the first N --eval-data records for val_nll.")
 
     def __post_init__(self):
         super().__post_init__()
@@ -65,6 +71,10 @@ class TrainConfig(ModelDataOptions, LossOptions):
             raise UserError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise UserError("set epochs > 0 or max_steps > 0")
+        if self.eval_every < 0 or self.eval_limit < 1:
+            raise UserError("need eval_every >= 0 and eval_limit >= 1")
+        if bool(self.eval_data) != (self.eval_every > 0):
+            raise UserError("a learning curve needs both --eval-data and --eval-every > 0")
         from transformers.training_args import OptimizerNames
         known = [o.value for o in OptimizerNames]
         if self.optim not in known:
@@ -135,11 +145,68 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, records: list[dict], *, ca
     rows = encode_all(builder, records, desc="encoding train")
     if cfg.lora:
         model = apply_lora(model, cfg)
+    curve = None
+    if cfg.eval_every > 0:
+        from ..datasets import load_records
+        from ..prompts import get_task
+        eval_rows = encode_all(builder, load_records(cfg.eval_data, get_task(cfg.task), limit=cfg.eval_limit),
+                               desc="encoding eval")
+        collate = PairedCollator(tokenizer.pad_token_id)
+        curve = ValidationCurve([collate(eval_rows[i:i + cfg.batch_size])
+                                 for i in range(0, len(eval_rows), cfg.batch_size)], cfg.eval_every)
+        callbacks = list(callbacks or []) + [curve]
     trainer = PerCETrainer(model=model, args=training_arguments(cfg), train_dataset=ListDataset(rows),
                            data_collator=PairedCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                            perce_args=cfg, example_ids=[r["id"] for r in records], callbacks=callbacks)
+    if curve is not None:
+        curve.trainer = trainer
     _progress_display(trainer, cfg.progress)
+    _warn_fsdp_dropped(trainer)
     return trainer, builder
+
+
+def _warn_fsdp_dropped(trainer) -> None:
+    """accelerate 1.15 makes an FSDP launch FSDP only on GPU-like devices; on CPU it drops the plugin
+    without a word and the Trainer uses DDP (docs/scaling.md). Say so, once, on rank 0."""
+    import os
+    import sys
+    if (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled
+            and _is_main_process()):
+        print("warning: this launch asks for FSDP, but accelerate runs FSDP only on GPUs: on CPU it trains "
+              "with DDP (every process holds the whole model); see docs/scaling.md", file=sys.stderr)
+
+
+class ValidationCurve:
+    """Trainer callback: log ``val_nll`` (NLL per token of the validation gold responses, with the
+    profile, eval mode, no gradient) at step 0 and every ``every`` optimizer steps."""
+
+    def __init__(self, batches: list[dict], every: int):
+        self.batches, self.every, self.trainer = batches, every, None
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def _log(self, state, model):
+        from ..scoring import response_nll
+        from ..trainer import eval_mode
+
+        device = next(model.parameters()).device
+        total = count = 0.0
+        with eval_mode(model):
+            for b in self.batches:
+                s, n = response_nll(model, {k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()})
+                total, count = total + s, count + n
+        self.trainer.log({"val_nll": round(total / max(count, 1.0), 6)})
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if state.global_step == 0:
+            self._log(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step % self.every == 0:
+            self._log(state, model)
 
 
 def _progress_display(trainer, progress: bool) -> None:
@@ -234,7 +301,7 @@ def run(cfg: TrainConfig) -> dict:
     _save_final(trainer, out, main_proc)  # final weights (or LoRA adapter) + tokenizer
     logs = [h for h in trainer.state.log_history if "loss" in h]
     summary = {
-        "method": cfg.method, "refresh": cfg.refresh if cfg.method == "perce" else None,
+        "method": cfg.method, "refresh": cfg.refresh if cfg.method in CONTRAST_METHODS else None,
         "steps": trainer.state.global_step, "train_loss": result.training_loss, "wall_s": round(wall, 2),
         "examples": len(records), **builder.stats.counts(), "skipped_nonfinite": trainer.skipped_nonfinite,
         "resumed_from": resume_from, "log": logs, "run": run_info(cfg),
