@@ -1,9 +1,27 @@
 """Batched personalized generation: left padding, KV cache, greedy by default.
 
 With ``contrast_alpha`` > 0 (profile-contrastive decoding, ``contrast_scores``), each row's
-with-profile and profile-free prompts run together in a batch of 2B rows with one KV cache,
+with-profile and counterfactual prompts run together in a batch of 2B rows with one KV cache,
 and the next token maximizes (or is sampled from) log p_w + alpha * (log p_w - log p_wo) among
-the tokens the plausibility guard keeps.
+the tokens the plausibility guard keeps. The counterfactual prompt is the profile-free one, or
+with ``contrast_counterfactual="swap"`` the same request with another user's profile (chosen as
+``score --counterfactual swap`` chooses it: ``retrieval.other_user_profiles``).
+
+``no_repeat_ngram_size`` N > 0 bans, at every step, each token that would complete an N-gram
+already present in the row's own generated tokens (the prompt does not count: the output may
+copy a phrase of the profile or the input, but not repeat one it already wrote). Our loops keep the n-grams per row
+incrementally (``NGramBan``); ``model.generate`` gets transformers' ``NoRepeatNGramLogitsProcessor``
+applied to the generated columns only. In the contrast loop the ban applies before the
+plausibility guard, so the guard is relative to the best token that is still allowed.
+
+``info`` (a list) receives one dict per prompt, in input order: ``new_tokens`` (generated
+tokens, end token excluded) and ``ended`` (True when the row stopped at an end id; False when it
+ran to ``max_new_tokens``), on every path. With ``explain=True`` (contrastive greedy decoding
+only) each dict also holds the per-token trace the token explorer shows: the chosen
+``token_ids``, ``plain_ids`` (the with-profile argmax at that step: the token plain greedy
+decoding, alpha 0, would have picked after the same prefix), both log-probs of the chosen
+token, the with-profile entropy and the top candidates of both distributions. These come from
+the logits the contrast loop computes anyway.
 
 Greedy decoding (the default, and what ``eval`` / ``compare`` use) runs our own loop
 instead of ``model.generate``, for speed on small CPUs:
@@ -19,8 +37,9 @@ Position ids come from the attention mask (each row counts only its real tokens)
 left-padded row computes what it would compute alone; ``tests/test_generation.py``
 checks batched == one-at-a-time token for token. Generation stops at EVERY end id (the
 tokenizer's EOS, the chat template's end-of-turn token, the model's generation-config
-EOS ids), on both paths; the end token is never part of the output. Sampling or a repetition penalty go through ``model.generate`` with the same
-batching (same outputs contract, no row dropping).
+EOS ids), on both paths; the end token is never part of the output. Sampling or a repetition
+penalty go through ``model.generate`` with the same batching (same outputs contract, no row
+dropping); contrastive sampling stays in our loop.
 """
 from __future__ import annotations
 
@@ -55,26 +74,85 @@ def _prefill(model, prompts: list[list[int]], pad_id: int, device):
     return out, att, cache
 
 
-def _append(nxt: torch.Tensor, rows: list[int], result: list[list[int]], eos: set[int]) -> list[int]:
-    """Append each live row's new token to its result; the batch positions that go on (not ended)."""
+class NGramBan:
+    """``no_repeat_ngram_size``: per row, the tokens that would complete an n-gram already present in
+    the row's generated tokens (prompt excluded). Kept incrementally: ``seen[row]`` maps each
+    (n-1)-gram of the row's continuation to the tokens that followed it; ``push`` after every
+    appended token, ``banned`` for the next step. Equal to transformers' ``NoRepeatNGramLogitsProcessor``
+    applied to the generated tokens alone (``tests/test_generation.py`` checks it)."""
+
+    def __init__(self, n: int, rows: int):
+        self.n = n
+        self.seen: list[dict[tuple, set[int]]] = [{} for _ in range(rows)]
+
+    def push(self, row: int, gen: list[int]) -> None:
+        if len(gen) >= self.n:
+            self.seen[row].setdefault(tuple(gen[len(gen) - self.n:-1]), set()).add(gen[-1])
+
+    def banned(self, row: int, gen: list[int]) -> set[int]:
+        if len(gen) < self.n:   # no complete n-gram yet
+            return set()
+        return self.seen[row].get(tuple(gen[len(gen) - self.n + 1:]), set())
+
+    def mask(self, scores: torch.Tensor, rows: list[int], result: list[list[int]]) -> torch.Tensor:
+        """``scores`` [len(rows), V] with each live row's banned tokens at -inf (a copy when any is)."""
+        js, toks = [], []
+        for j, r in enumerate(rows):
+            b = self.banned(r, result[r])
+            js += [j] * len(b)
+            toks += sorted(b)
+        if not js:
+            return scores
+        scores = scores.clone()
+        scores[torch.tensor(js, device=scores.device), torch.tensor(toks, device=scores.device)] = float("-inf")
+        return scores
+
+
+def _ngram_processor(n: int, prompt_len: int):
+    """For ``model.generate``: transformers' ``NoRepeatNGramLogitsProcessor`` on the generated columns only
+    (every left-padded prompt ends at column ``prompt_len``)."""
+    from transformers import LogitsProcessor, NoRepeatNGramLogitsProcessor
+
+    inner = NoRepeatNGramLogitsProcessor(n)
+
+    class GeneratedNoRepeatNGram(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return inner(input_ids[:, prompt_len:], scores)
+
+    return GeneratedNoRepeatNGram()
+
+
+def _append(nxt: torch.Tensor, rows: list[int], result: list[list[int]], eos: set[int], ended: list[bool],
+            ban: NGramBan | None = None) -> list[int]:
+    """Append each live row's new token to its result (an end id marks the row ended instead); the batch
+    positions that go on."""
     keep = []
     for j, tok in enumerate(nxt.tolist()):
         if tok in eos:
+            ended[rows[j]] = True
             continue
         result[rows[j]].append(tok)
+        if ban is not None:
+            ban.push(rows[j], result[rows[j]])
         keep.append(j)
     return keep
 
 
 def _greedy_batch(model, batch: list[list[int]], max_new_tokens: int, eos: set[int], pad_id: int,
-                  device) -> list[list[int]]:
-    """Greedy continuation ids (EOS excluded) for one left-padded batch, dropping finished rows."""
+                  device, no_repeat_ngram_size: int = 0) -> tuple[list[list[int]], list[bool]]:
+    """Greedy continuation ids (EOS excluded) for one left-padded batch, dropping finished rows; and
+    per row whether it ended at an end id."""
     out, att, cache = _prefill(model, batch, pad_id, device)
     rows = list(range(len(batch)))          # original row of each live batch position
     result: list[list[int]] = [[] for _ in batch]
+    ended = [False] * len(batch)
+    ban = NGramBan(no_repeat_ngram_size, len(batch)) if no_repeat_ngram_size else None
     for step in range(max_new_tokens):
-        nxt = out.logits[:, -1, :].argmax(-1)
-        keep = _append(nxt, rows, result, eos)
+        logits = out.logits[:, -1, :]
+        if ban is not None:
+            logits = ban.mask(logits, rows, result)
+        nxt = logits.argmax(-1)
+        keep = _append(nxt, rows, result, eos, ended, ban)
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < len(rows):  # drop finished rows from the batch and the cache
@@ -85,13 +163,15 @@ def _greedy_batch(model, batch: list[list[int]], max_new_tokens: int, eos: set[i
         att = torch.cat([att, att.new_ones((len(rows), 1))], dim=1)
         pos = att.sum(-1, keepdim=True) - 1
         out = model(input_ids=nxt[:, None], attention_mask=att, position_ids=pos, cache=cache, use_cache=True)
-    return result
+    return result, ended
 
 
 def contrast_scores(logits_with: torch.Tensor, logits_without: torch.Tensor, alpha: float,
                     plausibility: float) -> torch.Tensor:
     """Profile-contrastive next-token scores [n, V]: log p_w + alpha * (log p_w - log p_wo), where p_w
-    conditions on the profile and p_wo does not; tokens with p_w < plausibility * max p_w get -inf."""
+    conditions on the profile and p_wo does not (or on another user's); tokens with p_w < plausibility *
+    max p_w get -inf. A token whose with-profile logit is -inf (banned) gets -inf, and the guard is then
+    relative to the best token left."""
     lw = torch.log_softmax(logits_with.double(), dim=-1)
     lo = torch.log_softmax(logits_without.double(), dim=-1)
     s = lw + alpha * (lw - lo)
@@ -114,21 +194,58 @@ def _pick(scores: torch.Tensor, options: DecodingOptions, generator) -> torch.Te
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+TRACE_TOP = 5   # candidates per distribution an explain trace keeps (the explorer shows 5)
+
+
+def _new_trace() -> dict:
+    return {"token_ids": [], "plain_ids": [], "logp_with": [], "logp_without": [], "entropy": [],
+            "top_with": [], "top_without": []}
+
+
+def _record(traces: list[dict], rows: list[int], nxt: torch.Tensor, logits_with: torch.Tensor,
+            logits_without: torch.Tensor, allowed_with: torch.Tensor, eos: set[int]) -> None:
+    """One step of the explain trace for every live row whose token is not an end id. ``allowed_with``
+    is the with-profile logits after the n-gram ban: its argmax is plain greedy decoding's pick."""
+    lw = torch.log_softmax(logits_with.double(), dim=-1)
+    lo = torch.log_softmax(logits_without.double(), dim=-1)
+    idx = nxt[:, None]
+    cols = {"token_ids": nxt.tolist(), "plain_ids": allowed_with.argmax(-1).tolist(),
+            "logp_with": lw.gather(-1, idx).squeeze(-1).tolist(),
+            "logp_without": lo.gather(-1, idx).squeeze(-1).tolist(),
+            "entropy": (-(lw.exp() * lw).nan_to_num(0.0).sum(-1)).tolist()}
+    for key, l in (("top_with", lw), ("top_without", lo)):
+        top = l.topk(min(TRACE_TOP, l.shape[-1]), dim=-1)
+        cols[key] = [[[i, p] for i, p in zip(ids, ps)]
+                     for ids, ps in zip(top.indices.tolist(), top.values.exp().tolist())]
+    for j, tok in enumerate(cols["token_ids"]):
+        if tok in eos:
+            continue
+        for key, col in cols.items():
+            traces[rows[j]][key].append(col[j])
+
+
 def _contrast_batch(model, with_p: list[list[int]], without_p: list[list[int]], options: DecodingOptions,
-                    eos: set[int], pad_id: int, device, generator=None) -> list[list[int]]:
-    """Contrastive continuation ids for one batch: the B with-profile and B profile-free prompts are
+                    eos: set[int], pad_id: int, device, generator=None, explain: bool = False):
+    """Contrastive continuation ids for one batch: the B with-profile and B counterfactual prompts are
     one left-padded batch of 2B rows (rows b and B + b belong together) with one KV cache; each step
-    scores with ``contrast_scores``, appends the chosen token to both rows, and drops finished pairs."""
+    scores with ``contrast_scores`` (banned n-grams removed first), appends the chosen token to both
+    rows, and drops finished pairs. Returns (ids, ended, traces or None)."""
     B = len(with_p)
     out, att, cache = _prefill(model, with_p + without_p, pad_id, device)
     rows = list(range(B))
     result: list[list[int]] = [[] for _ in range(B)]
+    ended = [False] * B
+    traces = [_new_trace() for _ in range(B)] if explain else None
+    ban = NGramBan(options.no_repeat_ngram_size, B) if options.no_repeat_ngram_size else None
     for step in range(options.max_new_tokens):
         n = len(rows)
         last = out.logits[:, -1, :]
-        nxt = _pick(contrast_scores(last[:n], last[n:], options.contrast_alpha, options.contrast_plausibility),
+        with_logits = last[:n] if ban is None else ban.mask(last[:n], rows, result)
+        nxt = _pick(contrast_scores(with_logits, last[n:], options.contrast_alpha, options.contrast_plausibility),
                     options, generator)
-        keep = _append(nxt, rows, result, eos)
+        if traces is not None:
+            _record(traces, rows, nxt, last[:n], last[n:], with_logits, eos)
+        keep = _append(nxt, rows, result, eos, ended, ban)
         if not keep or step == options.max_new_tokens - 1:
             break
         if len(keep) < n:   # a finished row leaves both halves of the batch and the cache
@@ -141,23 +258,28 @@ def _contrast_batch(model, with_p: list[list[int]], without_p: list[list[int]], 
         pos = att.sum(-1, keepdim=True) - 1
         out = model(input_ids=torch.cat([nxt, nxt])[:, None], attention_mask=att, position_ids=pos, cache=cache,
                     use_cache=True)
-    return result
+    return result, ended, traces
 
 
 def _hf_generate_batch(model, tokenizer, batch: list[list[int]], options: DecodingOptions, eos: set[int],
-                       device) -> list[list[int]]:
+                       device) -> tuple[list[list[int]], list[bool]]:
+    """``model.generate`` on one left-padded batch: (ids before each row's first end id, ended)."""
     ids, att = _left_pad(batch, tokenizer.pad_token_id)
-    out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device),
-                         **options.generate_kwargs(tokenizer, eos))
-    return [_until_end(row, eos) for row in out[:, ids.shape[1]:].tolist()]
+    kw = options.generate_kwargs(tokenizer, eos)
+    if options.no_repeat_ngram_size:
+        from transformers import LogitsProcessorList
+        kw["logits_processor"] = LogitsProcessorList([_ngram_processor(options.no_repeat_ngram_size, ids.shape[1])])
+    out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), **kw)
+    cut = [_until_end(row, eos) for row in out[:, ids.shape[1]:].tolist()]
+    return [c for c, _ in cut], [e for _, e in cut]
 
 
-def _until_end(row: list[int], eos: set[int]) -> list[int]:
-    """The ids before the first end id (``generate`` pads finished rows after it)."""
+def _until_end(row: list[int], eos: set[int]) -> tuple[list[int], bool]:
+    """The ids before the first end id (``generate`` pads finished rows after it), and whether there was one."""
     for i, t in enumerate(row):
         if t in eos:
-            return row[:i]
-    return row
+            return row[:i], True
+    return row, False
 
 
 def end_ids(model, tokenizer) -> set[int]:
@@ -174,14 +296,20 @@ def end_ids(model, tokenizer) -> set[int]:
 @torch.no_grad()
 def generate_from_ids(model, tokenizer, prompts: list[list[int]], options: DecodingOptions,
                       batch_size: int | None = None, progress: bool = True, return_ids: bool = False,
-                      seed: int = 0, contrast_prompts: list[list[int]] | None = None) -> list:
+                      seed: int = 0, contrast_prompts: list[list[int]] | None = None, info: list | None = None,
+                      explain: bool = False) -> list:
     """One completion per prompt (token ids), batched (``batch_size``, default the options'); decoded
     texts (or the generated ids, EOS excluded, with ``return_ids``) in input order. ``seed`` seeds
     sampling. With ``options.contrast_alpha`` > 0, ``contrast_prompts`` (one per prompt: the same
-    request without the profile, or with another user's) is what the profile is contrasted with."""
+    request without the profile, or with another user's) is what the profile is contrasted with.
+    ``info``: a list that gets one dict per prompt appended, in input order: ``new_tokens`` and
+    ``ended``, and with ``explain`` (contrastive greedy decoding only) the explain trace (see the
+    module docstring)."""
     batch_size = batch_size or options.batch_size
     if options.contrastive and (contrast_prompts is None or len(contrast_prompts) != len(prompts)):
         raise ValueError("contrast_alpha > 0 needs one contrast prompt per prompt")
+    if explain and (not options.contrastive or options.do_sample or info is None):
+        raise ValueError("explain traces contrastive greedy decoding (contrast_alpha > 0, no sampling) into info")
     from tqdm.auto import tqdm
 
     if not prompts:
@@ -191,6 +319,8 @@ def generate_from_ids(model, tokenizer, prompts: list[list[int]], options: Decod
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     gen: list[list[int] | None] = [None] * len(prompts)
+    ends: list[bool] = [False] * len(prompts)
+    traces: list[dict | None] = [None] * len(prompts)
     if options.do_sample:
         torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed) if options.do_sample else None
@@ -199,49 +329,84 @@ def generate_from_ids(model, tokenizer, prompts: list[list[int]], options: Decod
         for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress, leave=False):
             idx = order[start:start + batch_size]
             batch = [prompts[i] for i in idx]
+            tr = None
             if options.contrastive:
-                res = _contrast_batch(model, batch, [contrast_prompts[i] for i in idx], options, eos,
-                                      tokenizer.pad_token_id, device, generator)
+                res, end, tr = _contrast_batch(model, batch, [contrast_prompts[i] for i in idx], options, eos,
+                                               tokenizer.pad_token_id, device, generator, explain=explain)
             elif options.plain_greedy:
-                res = _greedy_batch(model, batch, options.max_new_tokens, eos, tokenizer.pad_token_id, device)
+                res, end = _greedy_batch(model, batch, options.max_new_tokens, eos, tokenizer.pad_token_id, device,
+                                         options.no_repeat_ngram_size)
             else:
-                res = _hf_generate_batch(model, tokenizer, batch, options, eos, device)
-            for i, r in zip(idx, res):
-                gen[i] = r
+                res, end = _hf_generate_batch(model, tokenizer, batch, options, eos, device)
+            for b, i in enumerate(idx):
+                gen[i], ends[i] = res[b], end[b]
+                if tr is not None:
+                    traces[i] = tr[b]
     finally:
         if was_training:
             model.train()
+    if info is not None:
+        info.extend({"new_tokens": len(g), "ended": e, **(t or {})}  # type: ignore[arg-type]
+                    for g, e, t in zip(gen, ends, traces))
     if return_ids:
         return gen  # type: ignore[return-value]
     return [tokenizer.decode(g, skip_special_tokens=True).strip() for g in gen]  # type: ignore[arg-type]
 
 
 def generate_records(model, tokenizer, records: list[dict], builder, options: DecodingOptions, *,
-                     use_profile: bool = True, progress: bool = True, seed: int = 0) -> list[str]:
+                     use_profile: bool = True, progress: bool = True, seed: int = 0, info: list | None = None,
+                     explain: bool = False) -> list[str]:
     """Personalized (or, with ``use_profile=False``, profile-free) generations for records. With
-    ``options.contrast_alpha`` > 0 each row is contrasted with its own profile-free prompt."""
+    ``options.contrast_alpha`` > 0 each row is contrasted with its own profile-free prompt, or with
+    ``contrast_counterfactual="swap"`` with the same request holding another user's profile: the one
+    ``score --counterfactual swap`` puts there (``retrieval.other_user_profiles(records, builder.seed)``:
+    deterministic by the prompt seed, among the users of ``records``). ``info`` / ``explain``: see
+    ``generate_from_ids``; with ``explain`` the dicts also hold ``profile`` (the items as they stood in
+    the prompt) and ``profile_removed``."""
+    from .errors import UserError
     if options.contrastive and not use_profile:
-        from .errors import UserError
         raise UserError("--contrast-alpha contrasts the profile with its absence; it needs the profile "
                         "(drop --no-profile)")
-    prompts, contrast = [], []
-    for r in records:
-        e = builder.encode(r, with_response=False)
+    others = None
+    if options.contrastive and options.contrast_counterfactual == "swap":
+        from .retrieval import other_user_profiles
+        try:
+            others = other_user_profiles(records, builder.seed)
+        except UserError as e:
+            raise UserError(f"--contrast-counterfactual swap takes another user's profile: it {e}") from None
+    prompts, contrast, shown = [], [], []
+    for i, r in enumerate(records):
+        e = builder.encode(r, with_response=False, counterfactual_profile=None if others is None else others[i])
         prompts.append(e["prompt_with"] if use_profile else e["prompt_without"])
         contrast.append(e["prompt_without"])
-    return generate_from_ids(model, tokenizer, prompts, options, progress=progress, seed=seed,
-                             contrast_prompts=contrast if options.contrastive else None)
+        shown.append({"profile": e["profile_shown"], "profile_removed": e["profile_removed"]})
+    got: list | None = [] if info is not None else None
+    texts = generate_from_ids(model, tokenizer, prompts, options, progress=progress, seed=seed,
+                              contrast_prompts=contrast if options.contrastive else None, info=got,
+                              explain=explain)
+    if info is not None:
+        info.extend({**g, **s} if explain else g for g, s in zip(got, shown))  # type: ignore[arg-type]
+    return texts
+
+
+def hit_max_share(info: list[dict]) -> float | None:
+    """The share of generations (``info`` dicts) that ran to ``max_new_tokens`` without an end id; None
+    for no generations."""
+    return sum(not i["ended"] for i in info) / len(info) if info else None
 
 
 def generate_for(model, tok, records: list[dict], task: str, prompt_opts, options: DecodingOptions, *,
-                 use_profile: bool, seed: int = 0, progress: bool = True, stats=None) -> list[str]:
+                 use_profile: bool, seed: int = 0, progress: bool = True, stats=None, info: list | None = None,
+                 explain: bool = False) -> list[str]:
     """Generations for ``records`` with the prompt settings of ``prompt_opts`` (a ``PromptOptions``:
-    k, retriever, max_length). Prompts get the profile budget training gives the same record;
-    ``stats`` (an ``EncodeStats``) collects how many profiles the length limit cut or removed."""
+    k, retriever, max_length, and the seed that picks the other user for ``contrast_counterfactual=
+    "swap"``). Prompts get the profile budget training gives the same record; ``stats`` (an
+    ``EncodeStats``) collects how many profiles the length limit cut or removed; ``seed`` seeds
+    sampling; ``info`` / ``explain``: see ``generate_records``."""
     builder = prompt_opts.prompt_builder(tok, task, reserve_tokens=options.max_new_tokens)
     if stats is not None:
         builder.stats = stats
     texts = generate_records(model, tok, records, builder, options, use_profile=use_profile,
-                             progress=progress, seed=seed)
+                             progress=progress, seed=seed, info=info, explain=explain)
     builder.stats.warn()
     return texts

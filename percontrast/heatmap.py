@@ -8,6 +8,11 @@ tokens with PIR > m are also marked by a bar, so colour is never the only cue). 
 tokens of the file, a table of mean PIR per example (sortable by clicking a header) and the share
 of tokens above the clip m. Details: docs/explorer.md.
 
+A page of generated outputs (``percontrast generate --contrast-alpha A --explain FILE.html``, the
+``contrast`` argument) colours each generated token by its PIR at decode time and marks (overline)
+every token the contrast changed; hovering it shows the token plain greedy decoding (alpha 0) would
+have picked after the same prefix.
+
 How the page stays safe with hostile text (profiles, responses, tokens, ids such as ``<script>``,
 ``"onmouseover=``, ``</script>``, ``<!--``):
 
@@ -69,6 +74,7 @@ _STYLE = (
     "padding:.45em .7em;box-shadow:0 2px 10px rgba(0,0,0,.3);font-size:13px;line-height:1.4}"
     "#pc-tip[hidden]{display:none}"
     "#pc-tip td{padding:0 .5em 0 0}#pc-tip .cand{margin-top:.3em}#pc-tip .cand th{font-weight:normal;color:#444}"
+    ".c{text-decoration:overline solid #000 2px}"
 )
 
 # The page's only script. It is constant (no data is ever pasted into it), so its hash is too.
@@ -101,9 +107,18 @@ function fill(t, x, j) {
   const kv = tip.appendChild(el("table")).appendChild(el("tbody"));
   row(kv, "PIR (nats)", num(E.p[j], true), "pir");
   row(kv, "log p(token | profile, input)", num(at(E.a, j)), "logp_with");
-  row(kv, "log p(token | input)", num(at(E.b, j)), "logp_without");
-  row(kv, `PerCE weight = clip(PIR, ${D.m}, ${D.M})`, num(at(E.w, j)), "weight");
+  row(kv, D.cf ? "log p(token | other user's profile, input)" : "log p(token | input)", num(at(E.b, j)),
+      "logp_without");
+  if (!D.g || E.w) row(kv, `PerCE weight = clip(PIR, ${D.m}, ${D.M})`, num(at(E.w, j)), "weight");
   if (E.e) row(kv, "entropy with profile (nats)", num(E.e[j]), "entropy");
+  if (E.q) {
+    const q = E.q[j], tr = kv.appendChild(el("tr"));
+    tr.appendChild(el("td", "plain greedy pick (alpha 0, same prefix)"));
+    const c = tr.appendChild(el("td"));
+    c.dataset.k = "plain";
+    if (q === null) c.textContent = "the same token";
+    else c.append(el("span", D.v[q].replace(/\n/g, "\u21b5"), "tk"), " (changed by the contrast)");
+  }
   const lists = [at(E.tw, j), at(E.to, j)];
   if (!lists[0] && !lists[1]) {
     tip.appendChild(el("div", "Top candidates: not recorded (scores made without --top-k).", "meta"));
@@ -111,7 +126,9 @@ function fill(t, x, j) {
   }
   const table = tip.appendChild(el("table", undefined, "cand"));
   const hr = table.appendChild(el("thead")).appendChild(el("tr"));
-  for (const h of ["#", "with profile", "p", "without profile", "p"]) hr.appendChild(el("th", h));
+  for (const h of ["#", "with profile", "p", D.cf ? "other user's profile" : "without profile", "p"]) {
+    hr.appendChild(el("th", h));
+  }
   const body = table.appendChild(el("tbody"));
   const n = Math.max(...lists.map(l => l ? l.length / 2 : 0));
   for (let i = 0; i < n; i++) {
@@ -263,7 +280,8 @@ def _shown(token: str, inline: bool = False) -> str:
     return t.replace("\n", "\u21b5" if inline else "\u21b5\n") if t else "\u2205"
 
 
-def _legend(scale: float, clip_min: float, clip_max: float) -> str:
+def _legend(scale: float, clip_min: float, clip_max: float, without: str = "input",
+            contrast: dict | None = None) -> str:
     edges = [e * scale for e in EDGES]
     sw = [f"<span class='sw b5'>&le; &minus;{edges[-1]:g}</span>"]
     sw += [f"<span class='sw b{k}'>&minus;{edges[k]:g} &hellip; &minus;{edges[k - 1]:g}</span>"
@@ -273,7 +291,7 @@ def _legend(scale: float, clip_min: float, clip_max: float) -> str:
     sw += [f"<span class='sw o5'>&ge; {edges[-1]:g}</span>"]
     return (
         "<div class='legend' id='legend'><p>Each response token is coloured by "
-        "<b>PIR</b> = log p(token | profile, input) &minus; log p(token | input), in nats. "
+        f"<b>PIR</b> = log p(token | profile, input) &minus; log p(token | {esc(without)}), in nats. "
         "<b>Colour scale: blue&ndash;orange diverging</b> (chosen to stay readable with red&ndash;green colour "
         "blindness): <b>orange</b> = the profile made the token more likely, <b>blue</b> = less likely, darker = "
         "larger |PIR|.</p><p>" + "".join(sw) + "</p>"
@@ -281,12 +299,27 @@ def _legend(scale: float, clip_min: float, clip_max: float) -> str:
         f"floor weight. <b>Clip [m, M] = [{clip_min:g}, {clip_max:g}]</b>: PerCE weight = clip(PIR, {clip_min:g}, "
         f"{clip_max:g}). <span class='sw n'>dashed</span> PIR not finite.</p><p>Hover a token for its numbers; "
         "click it to keep them. Keyboard: Tab reaches each response, &larr; &rarr; Home End move between its "
-        "tokens, Esc hides the numbers.</p></div>")
+        "tokens, Esc hides the numbers.</p>" + (_contrast_legend(contrast, without) if contrast else "") + "</div>")
+
+
+def _contrast_legend(contrast: dict, without: str) -> str:
+    def num(key):
+        v = contrast.get(key)
+        return esc(format(v, "g") if isinstance(v, (int, float)) else v)
+    a = num("alpha")
+    return (
+        f"<p id='contrast'><b>Generated by profile-contrastive decoding</b>: each token maximized log p(v | profile, "
+        f"input, prefix) + {a} &times; [log p(v | profile, input, prefix) &minus; log p(v | {esc(without)}, prefix)] "
+        f"(alpha = {a}) among the tokens whose with-profile probability is at least {num('plausibility')} "
+        "times the top token's. The colour is the PIR of the generated token at that step (same prefix). "
+        "<span class='sw c'>overline</span> the contrast changed this token: plain greedy decoding "
+        "(alpha 0) would have picked another token after the same prefix; hover shows which.</p>")
 
 
 def render(examples: list[dict], title: str = "PerContrast token scores", scale: float = 3.0, *,
            clip_min: float = 0.8, clip_max: float = 5.0, top_tokens: int = 20,
-           top_candidates: int = TOP_CANDIDATES) -> str:
+           top_candidates: int = TOP_CANDIDATES, counterfactual: str = "remove",
+           contrast: dict | None = None) -> str:
     """The token explorer page for ``examples`` (``percontrast score`` results).
 
     Each example: ``id``, ``input``, ``tokens`` (strings) and ``pir``; optional ``logp_with``,
@@ -294,7 +327,11 @@ def render(examples: list[dict], title: str = "PerContrast token scores", scale:
     profile items as they stood in the prompt), ``profile_removed``, and ``top_with`` /
     ``top_without`` (per token a list of ``[token string, probability]``, highest first). What is
     missing is left out. ``scale``: |PIR| in nats at full colour; ``clip_min``/``clip_max``: the
-    PerCE clip [m, M] the legend and the summary use. Returns one HTML page."""
+    PerCE clip [m, M] the legend and the summary use. ``counterfactual="swap"``: log p_without was
+    computed with another user's profile (labels say so). ``contrast`` (``alpha``, ``plausibility``):
+    the examples are generated outputs of profile-contrastive decoding; each may carry ``changed``
+    (per token: the contrast changed it) and ``plain_tokens`` (per token: plain greedy decoding's
+    pick), shown as an overline and on hover. Returns one HTML page."""
     vocab: dict[str, int] = {}
 
     def cands(lists, n):
@@ -314,7 +351,8 @@ def render(examples: list[dict], title: str = "PerContrast token scores", scale:
         return out
 
     data_x, stats, sections, hot = [], [], [], []
-    total = above = 0
+    total = above = n_changed = 0
+    without = "another user's profile, input" if counterfactual == "swap" else "input"
     for i, ex in enumerate(examples):
         tokens, pir = list(ex["tokens"]), list(ex["pir"])
         n = len(tokens)
@@ -326,6 +364,10 @@ def render(examples: list[dict], title: str = "PerContrast token scores", scale:
             c = cands(ex.get(key), n)
             if c is not None:
                 rec[short] = c
+        if ex.get("changed") is not None:   # the plain pick's vocabulary index where the contrast changed it
+            rec["q"] = [vocab.setdefault(_text(ex["plain_tokens"][j]), len(vocab)) if ch else None
+                        for j, ch in enumerate(ex["changed"][:n])]
+            n_changed += sum(1 for c in ex["changed"][:n] if c)
         data_x.append(rec)
         finite = [v for v in pir if _finite(v)]
         up = sum(v > clip_min for v in finite)
@@ -340,8 +382,11 @@ def render(examples: list[dict], title: str = "PerContrast token scores", scale:
     for i, ex in enumerate(examples):
         spans = []
         weights = ex.get("weights")
+        changed = ex.get("changed") or []
         for j, (t, v) in enumerate(zip(ex["tokens"], ex["pir"])):
             cls = level_class(v, scale, clip_min)       # [a-z0-9]+: needs no quotes
+            if j < len(changed) and changed[j]:          # "c " first: [class$=h] still sees the bar suffix
+                cls = f"'c {cls}'" if cls else "c"
             attrs = (f" class={cls}" if cls else "") + (f" id=t{i}-{j}" if (i, j) in anchors else "")
             # roving tabindex: Tab reaches each response once, the arrow keys move between its tokens
             spans.append(f"<span{attrs}{' tabindex=0' if j == 0 else ''}>{esc(_shown(t))}</span>")
@@ -360,7 +405,8 @@ def render(examples: list[dict], title: str = "PerContrast token scores", scale:
         sections.append(
             f"<section class='ex' id='ex-{i}'><h2>Example {i + 1}: {esc(ex['id'])}</h2>"
             f"<p class='meta'>{s[0]} tokens &middot; mean PIR {mean}"
-            + ("" if weights is not None else " &middot; no PerCE weights in this file") + "</p>"
+            + (f" &middot; {sum(1 for c in changed if c)} changed by the contrast" if contrast
+               else "" if weights is not None else " &middot; no PerCE weights in this file") + "</p>"
             + prof + f"<h3>Input</h3><div class='inp'>{esc(ex.get('input', ''))}</div>"
             f"<h3>Response</h3><div class='r' data-x='{i}' role='group' aria-label='response tokens: arrow keys move, "
             f"Esc hides the numbers'>{''.join(spans)}</div></section>")
@@ -384,16 +430,25 @@ def render(examples: list[dict], title: str = "PerContrast token scores", scale:
         f"<td class='num'>{f(s[3], '+.3f')}</td></tr>"
         for i, (ex, s) in enumerate(zip(examples, stats)))
     data = {"m": clip_min, "M": clip_max, "v": list(vocab), "x": data_x, "s": stats}
+    if counterfactual == "swap":
+        data["cf"] = 1
+    if contrast:
+        data["g"] = 1
+    changed_share = n_changed / total if total else 0.0
+    changed_p = (f"<p id='changed'><b>{n_changed} of {total} generated tokens ({changed_share:.1%}) were changed "
+                 "by the contrast</b> (plain greedy decoding would have picked another token after the same "
+                 "prefix).</p>") if contrast else ""
 
     return "".join([
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">",
         "<meta name='viewport' content='width=device-width,initial-scale=1'>",
         f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>{esc(title)}</h1>", _legend(scale, clip_min, clip_max),
+        f"<h1>{esc(title)}</h1>", _legend(scale, clip_min, clip_max, without, contrast),
         "<section id='summary'><h2>Summary</h2>",
         f"<p id='share'>{len(examples)} examples, {total} response tokens. <b>{above} of {total} tokens "
         f"({share:.1%}) have PIR &gt; m = {clip_min:g}</b>, i.e. PerCE weights them above the floor.</p>",
+        changed_p,
         f"<div class='cols'><div><h3>The {len(hot)} most personal tokens (highest PIR)</h3>",
         "<div class='scroll'><table id='pc-top'><thead><tr><th>#</th><th>token</th><th>PIR</th><th>example</th></tr>"
         f"</thead><tbody>{top_rows}</tbody></table></div></div>",

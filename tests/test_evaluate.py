@@ -32,6 +32,10 @@ def test_generate_and_score_writes_exchange_format(tmp_path):
     assert [r["id"] for r in rows] == ids
     assert all(set(r["scores"]) == {"rouge1", "rougeL", "meteor"} for r in rows)
     summary = json.loads((out / "summary.json").read_text())
+    # the end info: a row that did not end ran to max_new_tokens, and the summary's share counts those rows
+    assert all(isinstance(r["ended"], bool) and 0 <= r["new_tokens"] <= 4 and (r["ended"] or r["new_tokens"] == 4)
+               for r in rows)
+    assert summary["hit_max_new_tokens"] == sum(not r["ended"] for r in rows) / 3
     assert summary["examples"] == 3 and summary["use_profile"] is True
     assert "rouge-score" in summary["metric_versions"] and "versions" in summary["run"]
     assert res["metrics"] == summary["metrics"]
@@ -91,3 +95,28 @@ def test_predictions_jsonl_and_cli_mismatch_exit_code(tmp_path, capsys):
 def test_unknown_metric_refused():
     with pytest.raises(UserError, match="unknown metric 'bleu'"):
         EvalConfig(data=SAMPLE, task="email", metrics=["rouge1", "bleu"])
+
+
+def test_end_info_reaches_predictions_and_summary(tmp_path, monkeypatch):
+    """Rows that end early and rows that hit max_new_tokens, in record order: the generation's info is written
+    per example and summarized as the share that hit the limit (the stock tiny model never ends by itself)."""
+    import percontrast.commands.evaluate as ev
+
+    def fake(model, tok, records, task, prompt_opts, options, *, info=None, **kw):
+        info.extend({"new_tokens": 2 if i % 2 else options.max_new_tokens, "ended": bool(i % 2)}
+                    for i in range(len(records)))
+        return ["x y"] * len(records)
+
+    monkeypatch.setattr(ev, "generate_for", fake)
+    monkeypatch.setattr(EvalConfig, "load_model", lambda self, device=None: (None, None))
+    out = tmp_path / "ev"
+    run(EvalConfig(model="tiny-random", data=SAMPLE, task="email", limit=5, max_new_tokens=4, metrics=["rouge1"],
+                   output_dir=str(out)))
+    rows = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["new_tokens"], r["ended"]) for r in rows] == [(4, False), (2, True), (4, False), (2, True), (4, False)]
+    assert json.loads((out / "summary.json").read_text())["hit_max_new_tokens"] == 3 / 5
+    scored = tmp_path / "scored"                       # scoring a file: no generation, no end info
+    run(EvalConfig(data=SAMPLE, task="email", limit=5, predictions=str(out / "predictions.json"), metrics=["rouge1"],
+                   output_dir=str(scored)))
+    assert "hit_max_new_tokens" not in json.loads((scored / "summary.json").read_text())
+    assert "ended" not in json.loads((scored / "predictions.jsonl").read_text().splitlines()[0])

@@ -436,3 +436,56 @@ def test_write_screenshots(browser, tmp_path):
     _check_tip(_tip(browser), examples[0], j)
     browser.screenshot(img / "explorer-hover.png")
     assert (img / "explorer.png").stat().st_size > 10_000 and (img / "explorer-hover.png").stat().st_size > 10_000
+
+
+# -- a page of contrastively decoded outputs (generate --explain) --------------------------------------------
+
+def _contrast_page(tmp_path):
+    rng = random.Random(2)
+    examples = [_example(i, 16, rng) for i in range(2)]
+    for ex in examples:
+        del ex["weights"]                                  # generated outputs have no PerCE weights
+        ex["changed"] = [j % 4 == 1 for j in range(16)]
+        ex["plain_tokens"] = [f" plain{j}" if c else t for j, (t, c) in enumerate(zip(ex["tokens"], ex["changed"]))]
+    examples[0]["plain_tokens"][1] = ATTACKS[0]            # a hostile plain pick is text too
+    examples[0]["pir"][5] = 2.5                            # changed and PIR > m: overline and bar together
+    html = render(examples, title="contrast test", clip_min=CLIP_MIN, clip_max=CLIP_MAX, counterfactual="swap",
+                  contrast={"alpha": 1.5, "plausibility": 0.1})
+    path = tmp_path / "contrast.html"
+    path.write_text(html, encoding="utf-8")
+    return path, examples, html
+
+
+def test_contrast_page_static(tmp_path):
+    """Without a browser: inert, the same CSP, one marked span per changed token, the legend states the
+    contrast (alpha, guard, the other user's profile as the counterfactual) and the summary counts changes."""
+    _, examples, html = _contrast_page(tmp_path)
+    assert_inert_html(html)
+    assert csp_of(html) == CSP
+    assert html.count("<span class='c ") + html.count("<span class=c") == sum(sum(e["changed"]) for e in examples)
+    assert "alpha = 1.5" in html and "another user&#x27;s profile, input" in html
+    assert "8 of 32 generated tokens (25.0%) were changed by the contrast" in html
+    assert html.count("4 changed by the contrast") == 2
+
+
+def test_contrast_page_marks_changed_tokens_and_shows_the_plain_pick(browser, tmp_path):
+    path, examples, _ = _contrast_page(tmp_path)
+    _open(browser, path)
+    marks = browser.eval("Array.from(document.querySelectorAll('#ex-0 .r > span'), "
+                         "t => [getComputedStyle(t).textDecorationLine, getComputedStyle(t).boxShadow])")
+    assert [m[0] == "overline" for m in marks] == examples[0]["changed"]
+    assert marks[5][1] != "none"                           # the PIR > m bar survives the changed mark
+    browser.hover(*browser.center("document.querySelector('#ex-0 .r').children[1]"))
+    tip = _tip(browser)
+    assert tip["values"]["plain"] == ATTACKS[0] + " (changed by the contrast)"
+    assert "weight" not in tip["values"]                   # no PerCE weight row on a generation page
+    assert "log p(token | other user's profile, input)" in tip["text"] and "other user's profile" in tip["text"]
+    assert tip["values"]["pir"] == _num(examples[0]["pir"][1], True)
+    browser.hover(5, 5)                                    # the tooltip away first: it may cover the token
+    browser.hover(*browser.center("document.querySelector('#ex-1 .r').children[5]"))
+    assert _tip(browser)["values"]["plain"] == " plain5 (changed by the contrast)"
+    browser.hover(5, 5)
+    browser.hover(*browser.center("document.querySelector('#ex-1 .r').children[2]"))
+    assert _tip(browser)["values"]["plain"] == "the same token"
+    assert browser.eval("typeof window.pwned") == "undefined" and browser.eval("document.title") == "contrast test"
+    assert browser.errors == []

@@ -11,6 +11,10 @@ batch and each row alone; float32 gives 4e-7). And ``_assert_decisive`` checks, 
 recomputation (no padding, no cache), that every chosen token leads the runner-up by more than MARGIN = 1e-6,
 six orders of magnitude above that. Hence any difference in the ids is a real bug (positions, padding mask,
 cache, row dropping, stopping), never float noise, on any machine.
+
+Also here: ``no_repeat_ngram_size`` (the ban counts the generated tokens only, not the prompt; checked against
+transformers' NoRepeatNGramLogitsProcessor on the generated tokens, on our loop, the model.generate path and
+sampling), and the end info (``info``: new_tokens, ended) on both paths.
 """
 from __future__ import annotations
 
@@ -225,10 +229,25 @@ def _assert_same_as_hf(model, tok, n_new=N_NEW):
     _assert_no_special_tokens(tok, ref)
     _assert_decisive(model, tok, prompts, ref, n_new)
     opts = DecodingOptions(max_new_tokens=n_new)
+    want = [{"new_tokens": len(r), "ended": len(r) < n_new} for r in ref]   # a row without EOS has n_new tokens
     for bs in (16, 3, 1):
-        ours = generate_from_ids(model, tok, prompts, opts, batch_size=bs, progress=False, return_ids=True)
+        info = []
+        ours = generate_from_ids(model, tok, prompts, opts, batch_size=bs, progress=False, return_ids=True,
+                                 info=info)
         assert ours == ref, f"batch_size={bs}"
+        assert info == want, f"batch_size={bs}"      # input order, although batches are sorted by length
+    _assert_info_on_generate_path(model, tok, prompts, opts, ref, want)
     return ref
+
+
+def _assert_info_on_generate_path(model, tok, prompts, opts, ref, want):
+    """The same outputs and end info through model.generate (the sampling / repetition-penalty path)."""
+    import unittest.mock
+    with unittest.mock.patch.object(DecodingOptions, "plain_greedy", property(lambda self: False)):
+        info = []
+        assert generate_from_ids(model, tok, prompts, opts, batch_size=16, progress=False, return_ids=True,
+                                 info=info) == ref
+    assert info == want
 
 
 def test_matches_hf_generate_padded_rotary(tiny):
@@ -259,3 +278,118 @@ def test_matches_hf_generate_padded_absolute_positions(tiny):
         model = GPT2LMHeadModel(cfg).double().eval()
     _install_end_logit(model, tok, _prompts(tok), N_NEW)
     _assert_same_as_hf(model, tok)
+
+
+# -- no_repeat_ngram_size ------------------------------------------------------------------------------------
+
+def _ref_banned(cont: list[int], n: int) -> set[int]:
+    """The definition, by brute force: the tokens t such that cont[-(n-1):] + [t] is an n-gram of cont."""
+    prefix = cont[len(cont) - n + 1:] if n > 1 else []
+    if len(cont) < n - 1:
+        return set()
+    return {cont[i + n - 1] for i in range(len(cont) - n + 1) if cont[i:i + n - 1] == prefix}
+
+
+def test_ngram_ban_is_transformers_processor_on_the_generated_tokens_only():
+    """NGramBan (incremental, per row) == transformers' NoRepeatNGramLogitsProcessor applied to the generated
+    tokens alone, == the brute-force definition, at every step of random sequences over a small vocabulary
+    (so that n-grams really repeat). The prompt does not count: transformers on prompt + generated bans more."""
+    import random
+    from transformers import NoRepeatNGramLogitsProcessor
+    from percontrast.generation import NGramBan, _ngram_processor
+
+    rng, V = random.Random(0), 6
+    hits = 0
+    for n in (1, 2, 3, 4):
+        for trial in range(6):
+            seq = [rng.randrange(V) for _ in range(25)]
+            ban = NGramBan(n, 1)
+            hf = NoRepeatNGramLogitsProcessor(n)
+            for t in range(len(seq) + 1):
+                gen = seq[:t]
+                ours = ban.banned(0, gen)
+                scores = hf(torch.tensor([gen], dtype=torch.long), torch.zeros(1, V))
+                theirs = set(torch.isinf(scores[0]).nonzero().flatten().tolist())
+                assert ours == theirs == _ref_banned(gen, n), (n, gen)
+                hits += bool(ours)
+                if t < len(seq):
+                    gen.append(seq[t])
+                    ban.push(0, gen)
+    assert hits > 50    # the comparison saw many non-empty bans
+    # the choice: prompt [3, 4], generated [3]. Counting the prompt (transformers' generate) bans 4; we do not.
+    full = NoRepeatNGramLogitsProcessor(2)(torch.tensor([[3, 4, 3]]), torch.zeros(1, V))
+    assert torch.isinf(full[0, 4]) and NGramBan(2, 1).banned(0, [3]) == set()
+    # the model.generate path's processor: the same, with the prompt (2 columns here) left out
+    proc = _ngram_processor(2, prompt_len=2)
+    assert not torch.isinf(proc(torch.tensor([[3, 4, 3]]), torch.zeros(1, V))).any()
+    assert torch.isinf(proc(torch.tensor([[3, 4, 3, 4, 3]]), torch.zeros(1, V))[0]).nonzero().flatten().tolist() == [4]
+
+
+@torch.no_grad()
+def _naive_banned_greedy(model, prompt, n_new, n, eos):
+    """Greedy with the n-gram ban, one prompt, a full forward per step (no padding, no cache, no batch); every
+    winner among the allowed tokens must lead by > MARGIN."""
+    cont = []
+    for _ in range(n_new):
+        logits = model(input_ids=torch.tensor([prompt + cont]), use_cache=False).logits[0, -1].clone()
+        for t in _ref_banned(cont, n):
+            logits[t] = float("-inf")
+        top2 = logits.topk(2)
+        assert (top2.values[0] - top2.values[1]).item() > MARGIN
+        tok = int(top2.indices[0])
+        if tok in eos:
+            break
+        cont.append(tok)
+    return cont
+
+
+def _repeats(seq, n):
+    grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_no_repeat_ngram_greedy_batched_equals_naive_and_generate_path(tiny, monkeypatch):
+    """Our batched greedy loop with the ban == a naive one-prompt-at-a-time loop == the model.generate path
+    (left-padded batch, transformers' processor on the generated columns), and the ban really bites: the
+    stock tiny model repeats one token, so without the ban every output repeats n-grams."""
+    from percontrast.generation import end_ids
+    model, tok = tiny
+    n = 2            # other sizes: the test above checks the ban itself for n = 1..4
+    prompts = _prompts(tok, 5)
+    plain = generate_from_ids(model, tok, prompts, DecodingOptions(max_new_tokens=10), progress=False,
+                              return_ids=True)
+    assert all(_repeats(o, n) for o in plain)
+    opts = DecodingOptions(max_new_tokens=10, no_repeat_ngram_size=n)
+    ref = [_naive_banned_greedy(model, p, 10, n, end_ids(model, tok)) for p in prompts]
+    assert not any(_repeats(r, n) for r in ref) and ref != plain
+    for bs in (16, 2):
+        assert generate_from_ids(model, tok, prompts, opts, batch_size=bs, progress=False, return_ids=True) == ref
+    monkeypatch.setattr(DecodingOptions, "plain_greedy", property(lambda self: False))   # force model.generate
+    assert generate_from_ids(model, tok, prompts, opts, batch_size=16, progress=False, return_ids=True) == ref
+
+
+def test_no_repeat_ngram_sampling(tiny):
+    """Sampling (the model.generate path) at a low temperature repeats bigrams without the ban, never with it."""
+    base, tok = tiny
+    model = _scaled(base)
+    prompts = _prompts(tok, 4)
+    run = lambda n: generate_from_ids(model, tok, prompts, DecodingOptions(  # noqa: E731
+        max_new_tokens=16, do_sample=True, temperature=0.3, no_repeat_ngram_size=n), progress=False,
+        return_ids=True, seed=1)
+    assert any(_repeats(o, 2) for o in run(0))
+    outs = run(2)
+    assert not any(_repeats(o, 2) for o in outs) and sum(map(len, outs)) > 30
+    assert run(2) == outs                                  # seeded
+
+
+def _scaled(base):
+    """The tiny model with its 2-D weights x5 and an untied head: it no longer repeats one token whatever
+    the context (see test_matches_hf_generate_padded_rotary)."""
+    model = copy.deepcopy(base).eval()
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5)
+    return model

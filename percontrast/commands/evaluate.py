@@ -12,8 +12,11 @@ equal the gold ids exactly (the official LaMP evaluation asserts the same); an e
 prediction scores 0 and is never dropped.
 
 Writes into ``--output-dir``: ``predictions.json`` (exchange format), ``predictions.jsonl``
-(one row per example: id, prediction, reference, its scores) and ``summary.json``
-(corpus metrics, ``metric_versions()``, ``run_info``).
+(one row per example: id, prediction, reference, its scores, and when generated ``new_tokens``
+and ``ended``: whether it stopped at an end token before ``--max-new-tokens``) and
+``summary.json`` (corpus metrics, ``hit_max_new_tokens``: the share of generations that ran to
+``--max-new-tokens`` without an end token, a degeneration signal; ``metric_versions()``,
+``run_info``).
 """
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ class EvalConfig(ModelDataOptions, DecodingOptions):
     def __post_init__(self):
         super().__post_init__()
         self.metrics = list(check_metrics(self.metrics))
+        if not self.predictions:
+            self.refuse_unused_contrast_options()
 
 
 # ---------------------------------------------------------------- scoring / writing
@@ -55,13 +60,16 @@ def score(texts: list[str], records: list[dict], metrics: list[str]) -> tuple[li
 
 
 def write_outputs(out: Path, task: str, records: list[dict], texts: list[str], per: list[dict],
-                  summary: dict) -> None:
+                  summary: dict, info: list[dict] | None = None) -> None:
+    """``info`` (from ``generate_for``): each row also gets ``new_tokens`` and ``ended``."""
     from ..data import write_predictions
     from ..files import write_text_atomic
 
+    ends = info if info is not None else [None] * len(records)
     write_predictions(out, task, records, texts, [
-        {"id": r["id"], "prediction": t, "reference": r["output"], "scores": s}
-        for r, t, s in zip(records, texts, per)])
+        {"id": r["id"], "prediction": t, "reference": r["output"], "scores": s,
+         **({"new_tokens": e["new_tokens"], "ended": e["ended"]} if e is not None else {})}
+        for r, t, s, e in zip(records, texts, per, ends)])
     # summary.json last: its presence means the folder is complete
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
 
@@ -79,6 +87,7 @@ def run(cfg: EvalConfig) -> dict:
     records = load_records(cfg.data, get_task(cfg.task), limit=cfg.limit,
                            require_profile=not (cfg.no_profile or cfg.predictions))
     t0 = time.perf_counter()
+    info: list[dict] | None = None
     if cfg.predictions:
         texts = align_predictions(read_predictions(cfg.predictions), [r["id"] for r in records],
                                   source=cfg.predictions)
@@ -86,14 +95,17 @@ def run(cfg: EvalConfig) -> dict:
     else:
         model, tok = cfg.load_model(device="default")
         from ..encoding import EncodeStats
+        from ..generation import hit_max_share
         stats = EncodeStats()
+        info = []
         texts = generate_for(model, tok, records, cfg.task, cfg, cfg, use_profile=not cfg.no_profile,
-                             seed=cfg.seed, stats=stats)
-        source = {"model": cfg.model, "use_profile": not cfg.no_profile, **stats.counts()}
+                             seed=cfg.seed, stats=stats, info=info)
+        source = {"model": cfg.model, "use_profile": not cfg.no_profile, **stats.counts(),
+                  "hit_max_new_tokens": hit_max_share(info)}
     gen_s = time.perf_counter() - t0
     per, corpus = score(texts, records, cfg.metrics)
     summary = {"task": cfg.task, "data": cfg.data, "examples": len(records), **source,
                "empty_predictions": sum(not t.strip() for t in texts), "metrics": corpus,
                "generation_s": round(gen_s, 2), "metric_versions": metric_versions(), "run": run_info(cfg)}
-    write_outputs(out, cfg.task, records, texts, per, summary)
+    write_outputs(out, cfg.task, records, texts, per, summary, info)
     return {"examples": len(records), "metrics": corpus, "output_dir": str(out)}

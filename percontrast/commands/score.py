@@ -228,7 +228,8 @@ def run(cfg: ScoreConfig) -> dict:
     write_text_atomic(out / "scores.json", json.dumps(payload, ensure_ascii=False))
     if cfg.html:
         write_text_atomic(out / "heatmap.html", render(results, title=f"PerContrast scores: {cfg.model}",
-                                                       clip_min=cfg.clip_min, clip_max=cfg.clip_max))
+                                                       clip_min=cfg.clip_min, clip_max=cfg.clip_max,
+                                                       counterfactual=cfg.counterfactual))
     if cfg.one_off:
         print_tokens(results[0], clip_min=cfg.clip_min)
     return summary
