@@ -1,7 +1,8 @@
 """Confidence intervals for evaluation results: t-intervals over seeds, a paired bootstrap
 over test examples, and a two-level bootstrap over seeds and test examples.
 
-No scipy in the dependency set, so the Student-t quantile is computed here: the CDF via
+The Student-t quantile is computed here (written before scipy came in with scikit-learn; kept: tested,
+and it keeps this module free of it): the CDF via
 the regularized incomplete beta function (continued fraction, Lentz's method), inverted
 by bisection. Accurate to ~1e-10, which is far below anything we report.
 """

@@ -359,3 +359,93 @@ def test_resume_refuses_cells_without_hash_unless_adopted(tmp_path, fake_trainin
     res = json.loads((tmp_path / "cmp" / "results.json").read_text())
     assert res["unhashed_cells"] == ["ce__seed0__test"]
     assert "--adopt-unhashed-cells" in (tmp_path / "cmp" / "results.md").read_text()
+
+
+# ---------------------------------------------------------------- likelihood metrics, learning curve, arms
+
+def test_likelihood_only_cells_and_learning_curve(tmp_path, monkeypatch):
+    """--no-generate --likelihood: no decoding; per example the gold NLL with the profile, mean PIR and
+    NLL on the personal tokens the UNTRAINED model fixed (PIR > 0.8), recomputed here independently;
+    the train: block's eval_data / eval_every give a val_nll learning curve in each cell."""
+    from percontrast.commands.score import score_records
+    from percontrast.datasets import load_records
+    from percontrast.models import load_model
+    from percontrast.prompts import get_task
+
+    import percontrast.likelihood as L
+    # the tiny random model's PIR stays far below 0.8: a threshold inside its range makes both sets non-empty
+    monkeypatch.setattr(L, "PERSONAL_PIR", 0.0)
+    cfg = _cfg(tmp_path, generate=False, likelihood=True, seeds=[0], methods=["base_profile", "ce"],
+               train={"max_steps": 2, "batch_size": 4, "eval_data": "builtin:sample-test", "eval_every": 1,
+                      "eval_limit": 3})
+    C.run(cfg)
+    out = tmp_path / "cmp"
+    ce = json.loads((out / "cells" / "ce__seed0__lr2e-05__test.json").read_text())
+    assert [s for s, _ in ce["train"]["curve"]] == [0, 1, 2]          # step 0, then every step
+    assert all(math.isfinite(v) for _, v in ce["train"]["curve"])
+    assert all(e["prediction"] is None for e in ce["examples"])
+    base = json.loads((out / "cells" / "base_profile__seed0__test.json").read_text())
+    # the personal-token set comes from the untrained model: recompute it and the base cell's numbers
+    model, tok = load_model("tiny-random")
+    recs = load_records("builtin:sample-test", get_task("email"), limit=4)
+    rows = score_records(model, tok, recs, cfg.prompt_builder(tok, "email"), progress=False)
+    personal = {r["id"]: [i for i, p in enumerate(r["pir"]) if p > 0.0] for r in rows}
+    assert any(personal.values()) and not all(len(v) == len(r["pir"]) for v, r in zip(personal.values(), rows))
+    nll_sum = sum(-x for r in rows for x in r["logp_with"])
+    n = sum(len(r["logp_with"]) for r in rows)
+    pers = [-r["logp_with"][i] for r in rows for i in personal[r["id"]]]
+    tol = 1e-9 * n   # same float32 forwards (same batches), summed in a different order in float64
+    assert abs(base["metrics"]["nll"] - nll_sum / n) < tol
+    assert abs(base["metrics"]["nll_personal"] - sum(pers) / len(pers)) < tol
+    assert base["metrics"]["personal_tokens"] == len(pers)
+    for e, r in zip(base["examples"], rows):
+        if not personal[r["id"]]:
+            assert e["scores"]["nll_personal"] is None
+    res = json.loads((out / "results.json").read_text())
+    assert res["metrics"] == ["nll", "nll_personal", "nll_other", "mean_pir"]
+    md = (out / "results.md").read_text()
+    assert "NLL personal" in md and "ROUGE" not in md.split("## eval set")[1].split("\n\n")[1]
+
+
+def test_no_generate_needs_likelihood_and_no_contrast_arms(tmp_path):
+    with pytest.raises(UserError, match="measures nothing"):
+        _cfg(tmp_path, generate=False)
+    with pytest.raises(UserError, match="need generations"):
+        _cfg(tmp_path, generate=False, likelihood=True, methods=["ce", "perce+contrast"])
+    with pytest.raises(UserError, match="unknown method"):
+        _cfg(tmp_path, methods=["ce", "base_noprofile+contrast"])
+
+
+def test_contrast_arm_attribution_and_degeneration(tmp_path, monkeypatch):
+    """X+contrast decodes X's model (trained once) with contrast at contrast_arm_alpha; every generating
+    cell carries hit_cap / loop per example, and attribution when asked, with chance and ceiling."""
+    trained = []
+    real_train = C.train_model
+    monkeypatch.setattr(C, "train_model", lambda tcfg, recs: trained.append(tcfg.method) or real_train(tcfg, recs))
+    seen = []
+    import percontrast.generation as G
+    real_gen = G.generate_for
+
+    def spy(model, tok, recs, task, prompt_opts, options, **kw):
+        seen.append(options.contrast_alpha)
+        return real_gen(model, tok, recs, task, prompt_opts, options, **kw)
+
+    monkeypatch.setattr(G, "generate_for", spy)
+    cfg = _cfg(tmp_path, seeds=[0], methods=["ce", "ce+contrast", "base_profile+contrast"], attribution=True,
+               contrast_arm_alpha=1.5, max_new_tokens=4)
+    C.run(cfg)
+    assert trained == ["ce"]                                   # one model for ce and ce+contrast
+    assert sorted(seen) == [0.0, 1.5, 1.5]
+    out = tmp_path / "cmp"
+    arm = json.loads((out / "cells" / "ce+contrast__seed0__lr2e-05__test.json").read_text())
+    assert arm["definition"]["decoding"]["contrast_alpha"] == 1.5
+    for e in arm["examples"]:
+        assert e["scores"]["hit_cap"] == float(e["new_tokens"] == 4)   # the tiny model rarely ends by itself
+        assert e["scores"]["attributed"] in (0.0, 1.0) and e["scores"]["loop"] in (0.0, 1.0)
+    res = json.loads((out / "results.json").read_text())
+    assert {"attributed", "hit_cap", "loop"} <= set(res["metrics"])
+    a = res["attribution"]["test"]
+    assert a["n_users"] == 2 and 0 < a["chance"] <= 1 and 0 <= a["ceiling"] <= 1
+    rows = {r["method"]: r for r in res["groups"][0]["rows"]}
+    assert set(rows) == {"ce", "ce+contrast", "base_profile+contrast"}
+    assert rows["base_profile+contrast"]["deterministic"]

@@ -39,8 +39,9 @@ from ..errors import UserError
 from ..files import write_text_atomic
 from ..metrics import DEFAULT_METRICS, check_metrics
 from ..options import DecodingOptions, ModelDataOptions
-from .compare_report import (ALL_METHODS, BASE_METHODS, REFERENCE, TRAINED_METHODS, plot, render_markdown,
-                             summarize, uses_clip)
+from .compare_report import (ALL_METHODS, BASE_METHODS, CONTRAST_ARMS, CONTRAST_SUFFIX, REFERENCE, TRAINED_METHODS,
+                             is_base, model_method, plot, plot_curves, render_markdown, report_metrics, summarize,
+                             uses_clip)
 
 # TrainConfig fields that compare owns (set per cell or shared from the top level)
 _OWNED = {"method", "seed", "learning_rate", "clip_min", "clip_max", "output_dir", "resume", "overwrite",
@@ -50,7 +51,9 @@ _OWNED = {"method", "seed", "learning_rate", "clip_min", "clip_max", "output_dir
 @dataclass
 class CompareConfig(ModelDataOptions, DecodingOptions):
     methods: list[str] = field(default_factory=lambda: list(ALL_METHODS),
-                               help="Methods to compare: " + ", ".join(ALL_METHODS) + ".")
+                               help="Methods to compare: " + ", ".join(ALL_METHODS) + "; X+contrast (e.g. "
+                               "perce+contrast, base_profile+contrast): X's model decoded with profile-contrastive "
+                               "decoding at --contrast-arm-alpha, a separate arm on the same trained model.")
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], help="Training seeds.")
     test_data: str = field("", help="Test records (evaluated as eval set 'test'); or give eval_sets in YAML.")
     test_limit: int | None = field(None, help="Use only the first N test records (a capped test set).")
@@ -68,17 +71,31 @@ class CompareConfig(ModelDataOptions, DecodingOptions):
     progress: bool = field(True, help="Show progress bars.")
     summarize_only: bool = field(False, help="Only rebuild results.md/json/png from the finished cells; "
                                  "train and evaluate nothing (e.g. after a time-boxed run).")
+    generate: bool = field(True, help="Generate and score with the overlap metrics; --no-generate: likelihood "
+                           "metrics only (no decoding: cheap and low-noise, e.g. a learning-rate search on validation).")
+    likelihood: bool = field(False, help="Also score the gold responses (no generation): NLL/token with the "
+                             "profile, mean PIR, and NLL on personal tokens (the gold tokens the untrained model "
+                             "gives PIR > 0.8, fixed once for every arm) vs the other tokens.")
+    attribution: bool = field(False, help="Also attribute each generation to a user with a char n-gram classifier "
+                              "trained on the eval set's profile texts: share attributed to its own user.")
+    contrast_arm_alpha: float = field(1.0, help="alpha of the X+contrast arms (profile-contrastive decoding).")
     adopt_unhashed_cells: bool = field(False, help="Reuse cells written before cells carried a settings hash, "
                                        "taking your word that they were made with this config (they are "
                                        "listed in results.json/md). Without it such cells are refused.")
 
     def __post_init__(self):
         super().__post_init__()  # each option group checks its own fields (decoding too)
-        bad = [m for m in self.methods if m not in ALL_METHODS]
+        bad = [m for m in self.methods if m not in ALL_METHODS + CONTRAST_ARMS]
         if bad or not self.methods:
             raise UserError(f"unknown method {', '.join(map(repr, bad)) or '(none given)'}; "
-                            f"known: {', '.join(ALL_METHODS)}")
+                            f"known: {', '.join(ALL_METHODS)}, and X{CONTRAST_SUFFIX} for any but base_noprofile")
         self.methods = list(dict.fromkeys(self.methods))
+        if not self.generate and not self.likelihood:
+            raise UserError("--no-generate measures nothing without --likelihood")
+        if not self.generate and (self.attribution or any(m.endswith(CONTRAST_SUFFIX) for m in self.methods)):
+            raise UserError("attribution and X+contrast arms need generations: drop --no-generate")
+        if self.contrast_arm_alpha <= 0:
+            raise UserError("contrast_arm_alpha must be > 0")
         self.metrics = list(check_metrics(self.metrics))
         if not self.seeds:
             raise UserError("seeds: give at least one seed")
@@ -182,17 +199,26 @@ def cell_definition(cfg: CompareConfig, method: str, seed: int, setting: dict | 
     TrainConfig (defaults included, so a changed default also counts as a change)."""
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelDataOptions)
               if f.name not in _NOT_DEFINING_SHARED}
-    decoding = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DecodingOptions)}
+    decoding = dataclasses.asdict(arm_decoding(cfg, method)) if cfg.generate else None
     d = {"method": method, "seed": seed, "shared": shared, "decoding": decoding,
          "eval_set": {"name": es["name"], "task": es["task"], "records_sha256": digests[es["name"]]},
          "train": None}
     if setting is not None:
-        tcfg = cfg.train_config(method, seed, setting["lr"], (setting["clip_min"], setting["clip_max"]))
+        tcfg = cfg.train_config(model_method(method), seed, setting["lr"], (setting["clip_min"], setting["clip_max"]))
         skip = _NOT_DEFINING_TRAIN | set(shared) | _NOT_DEFINING_SHARED | (set() if uses_clip(method)
                                                                           else _CLIP_FIELDS)
+        skip |= {"threshold_margin"} if model_method(method) != "threshold" else set()
         d["train"] = {"records_sha256": digests[TRAIN_RECORDS],
                       "config": {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in skip}}
     return d
+
+
+def arm_decoding(cfg: CompareConfig, arm: str) -> DecodingOptions:
+    """The decoding an arm uses: the shared options, with contrast at contrast_arm_alpha for X+contrast."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DecodingOptions)}
+    if arm.endswith(CONTRAST_SUFFIX):
+        values["contrast_alpha"] = cfg.contrast_arm_alpha
+    return DecodingOptions(**values)
 
 
 def _changed_paths(a, b, prefix: str = "") -> list[str]:
@@ -225,7 +251,7 @@ def read_cell(path: Path, definition: dict, cfg: CompareConfig) -> dict:
             if changed else "not recorded"
         raise UserError(f"{path}: cell was computed with other settings than this config (changed: {shown}); "
                         "delete it to recompute it, or use a new output_dir to keep both")
-    missing = [m for m in cfg.metrics if m not in cell.get("metrics", {})]
+    missing = [m for m in report_metrics(cfg) if m not in cell.get("metrics", {})]
     if missing:
         raise UserError(f"{path}: cell has no {', '.join(missing)} scores; delete it to recompute it, "
                         "or use a new output_dir")
@@ -310,7 +336,8 @@ def train_model(tcfg, records: list[dict]):
     result = trainer.train()
     info = {"steps": trainer.state.global_step, "train_loss": result.training_loss,
             "train_s": round(time.perf_counter() - t0, 2), "response_cut": builder.stats.response_cut,
-            "log": [h for h in trainer.state.log_history if "loss" in h][-50:]}
+            "log": [h for h in trainer.state.log_history if "loss" in h][-50:],
+            "curve": [[h["step"], h["val_nll"]] for h in trainer.state.log_history if "val_nll" in h]}
     model = trainer.model
     model.eval()
     return model, tok, info
@@ -326,12 +353,13 @@ def _jobs(cfg: CompareConfig, settings: list[dict], base_seeds: list[int]) -> li
     """(method, seed, setting or None) per model to build, seed-major: every method for the
     first seed, then the next seed ..., so an interrupted or time-boxed run still has
     complete method comparisons for the seeds done."""
-    jobs = [(m, base_seeds[0], None) for m in cfg.methods if m in BASE_METHODS]
+    models = list(dict.fromkeys(model_method(m) for m in cfg.methods))   # X and X+contrast share X's model
+    jobs = [(m, base_seeds[0], None) for m in models if m in BASE_METHODS]
     for i, s in enumerate(cfg.seeds):
         if i > 0:
-            jobs += [(m, s, None) for m in cfg.methods if m in BASE_METHODS and s in base_seeds]
+            jobs += [(m, s, None) for m in models if m in BASE_METHODS and s in base_seeds]
         for st_i, st in enumerate(settings):
-            for m in cfg.methods:
+            for m in models:
                 if m in BASE_METHODS:
                     continue
                 # ce ignores the clip: train it once per learning rate
@@ -347,25 +375,95 @@ def _plan(cfg, jobs, eval_sets, digests, out: Path) -> list[dict]:
     plan = []
     for m, s, st in jobs:
         cells = []
-        for es in eval_sets:
-            path = out / "cells" / f"{cell_key(m, s, st or {}, es['name'], st is not None)}.json"
-            definition = cell_definition(cfg, m, s, st, es, digests)
-            if path.exists():
-                read_cell(path, definition, cfg)
-            cells.append({"es": es, "path": path, "definition": definition})
+        for arm in (a for a in cfg.methods if model_method(a) == m):
+            for es in eval_sets:
+                path = out / "cells" / f"{cell_key(arm, s, st or {}, es['name'], st is not None)}.json"
+                definition = cell_definition(cfg, arm, s, st, es, digests)
+                if path.exists():
+                    read_cell(path, definition, cfg)
+                cells.append({"arm": arm, "es": es, "path": path, "definition": definition})
         plan.append({"method": m, "seed": s, "setting": st, "cells": cells})
     return plan
 
 
-def _generate(model, tok, recs, es: dict, cfg: CompareConfig, method: str, seed: int) -> tuple[list[str], dict]:
-    """Predictions for one eval set, and the prompt-length counters (profile cut / removed)."""
+def _generate(model, tok, recs, es: dict, cfg: CompareConfig, arm: str, seed: int) -> tuple[list[str], dict, list]:
+    """Predictions for one eval set, the prompt-length counters (profile cut / removed) and, per
+    record, whether generation ended at an end token (degeneration)."""
     from ..encoding import EncodeStats
     from ..generation import generate_for
 
-    stats = EncodeStats()
-    texts = generate_for(model, tok, recs, es["task"], cfg, cfg, use_profile=(method != "base_noprofile"),
-                         seed=seed, progress=cfg.progress, stats=stats)
-    return texts, stats.counts()
+    stats, info = EncodeStats(), []
+    texts = generate_for(model, tok, recs, es["task"], cfg, arm_decoding(cfg, arm),
+                         use_profile=(model_method(arm) != "base_noprofile"), seed=seed, progress=cfg.progress,
+                         stats=stats, info=info)
+    return texts, stats.counts(), info
+
+
+def _likelihood_rows(model, tok, recs, es: dict, cfg: CompareConfig) -> list[dict]:
+    """Per-token log-probs and PIR of the gold responses (``percontrast score``'s rows)."""
+    from .score import score_records
+
+    return score_records(model, tok, recs, cfg.prompt_builder(tok, es["task"]), batch_size=cfg.batch_size,
+                         progress=False)
+
+
+def personal_tokens(cfg: CompareConfig, eval_sets: list[dict], eval_records: dict, digests: dict, out: Path) -> dict:
+    """Per eval set: the personal-token positions fixed by the untrained model (``likelihood.py``),
+    cached in ``personal_tokens__<eval set>.json`` under the hash of what decides them."""
+    from .. import likelihood
+
+    threshold = likelihood.PERSONAL_PIR
+    result, model = {}, None
+    for es in eval_sets:
+        shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelDataOptions)
+                  if f.name not in _NOT_DEFINING_SHARED}
+        key = digest({"shared": shared, "task": es["task"], "records_sha256": digests[es["name"]],
+                      "threshold": threshold})
+        path = out / f"personal_tokens__{es['name']}.json"
+        if path.exists():
+            try:
+                cached = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                cached = {}
+            if cached.get("config_hash") == key:
+                result[es["name"]] = cached["examples"]
+                continue
+        if model is None:
+            model, tok = load_base(cfg)
+        rows = _likelihood_rows(model, tok, eval_records[es["name"]], es, cfg)
+        result[es["name"]] = likelihood.personal_positions(rows, threshold)
+        write_text_atomic(path, json.dumps({"config_hash": key, "examples": result[es["name"]]}))
+    return result
+
+
+def _measure(cfg: CompareConfig, arm: str, recs: list[dict], texts: list[str] | None, info: list | None,
+             like_rows: list[dict] | None, personal: dict | None, attributor) -> tuple[list[dict], dict]:
+    """Per-example scores and corpus values of one cell: overlap metrics, likelihood, attribution,
+    degeneration (whichever the config asks for)."""
+    from ..degeneration import degeneration_flags
+    from ..likelihood import example_likelihood, summarize_likelihood
+    from .evaluate import score
+
+    n = len(recs)
+    per, corpus = (score(texts, recs, cfg.metrics) if cfg.generate else ([{} for _ in recs], {}))
+    if like_rows is not None:
+        ex = [example_likelihood(row, personal[row["id"]]) for row in like_rows]
+        for p, e in zip(per, ex):
+            p.update({k: e[k] for k in ("nll", "nll_personal", "nll_other", "mean_pir")})
+        corpus.update({k: v for k, v in summarize_likelihood(ex).items()})
+    if cfg.generate:
+        flags = [degeneration_flags(t, inf["ended"]) for t, inf in zip(texts, info)]
+        for p, f in zip(per, flags):
+            p["hit_cap"], p["loop"] = float(f["hit_cap"]), float(f["loop"])
+        corpus["hit_cap"] = sum(p["hit_cap"] for p in per) / n
+        corpus["loop"] = sum(p["loop"] for p in per) / n
+    if attributor is not None:
+        from ..attribution import attribution_share
+        att = attribution_share(attributor, texts, [r["user_id"] for r in recs])
+        for p, a in zip(per, att["correct"]):
+            p["attributed"] = float(a)
+        corpus["attributed"] = att["share"]
+    return per, corpus
 
 
 def run(cfg: CompareConfig) -> dict:
@@ -376,29 +474,34 @@ def run(cfg: CompareConfig) -> dict:
     from ..models import default_device
     from ..prompts import get_task
     from ..runinfo import run_info
-    from .evaluate import score
 
     out = Path(cfg.output_dir)
     # Everything that can fail on the user's input fails here, before any training.
     train_records = load_records(cfg.data, get_task(cfg.task), limit=cfg.limit) \
-        if any(m in TRAINED_METHODS for m in cfg.methods) else []
+        if any(model_method(m) in TRAINED_METHODS for m in cfg.methods) else []
     eval_sets = cfg.eval_sets_resolved()
     eval_records = {es["name"]: load_records(es["data"], get_task(es["task"]), limit=es["limit"])
                     for es in eval_sets}
     settings = cfg.settings()
     for s in settings:
         for m in cfg.methods:
-            if m in TRAINED_METHODS:
-                cfg.train_config(m, cfg.seeds[0], s["lr"], (s["clip_min"], s["clip_max"]))
+            if model_method(m) in TRAINED_METHODS:
+                cfg.train_config(model_method(m), cfg.seeds[0], s["lr"], (s["clip_min"], s["clip_max"]))
     if REFERENCE not in cfg.methods:
         raise UserError(f"methods must include {REFERENCE!r}: every difference is taken against it")
     # The base model is deterministic under greedy decoding: one seed is enough.
     base_seeds = cfg.seeds if cfg.do_sample else cfg.seeds[:1]
-    plan = _plan(cfg, _jobs(cfg, settings, base_seeds), eval_sets,
-                 record_digests(train_records, eval_records), out)
+    digests = record_digests(train_records, eval_records)
+    plan = _plan(cfg, _jobs(cfg, settings, base_seeds), eval_sets, digests, out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "compare_config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
     device = default_device()
+    todo_any = not cfg.summarize_only and any(not c["path"].exists() for job in plan for c in job["cells"])
+    personal = personal_tokens(cfg, eval_sets, eval_records, digests, out) if cfg.likelihood and todo_any else None
+    attributors = {}
+    if cfg.attribution and todo_any:
+        from ..attribution import fit_attributor
+        attributors = {es["name"]: fit_attributor(eval_records[es["name"]], seed=0) for es in eval_sets}
 
     done = skipped = 0
     for job in plan if not cfg.summarize_only else []:
@@ -418,22 +521,30 @@ def run(cfg: CompareConfig) -> dict:
                 info = {"steps": 0, "train_s": 0.0}
             model.to(device)
         train_s = time.perf_counter() - t0
+        like_rows: dict[str, list] = {}   # X and X+contrast share the model, so its likelihood too
         for c in todo:
-            recs = eval_records[c["es"]["name"]]
+            es, arm = c["es"], c["arm"]
+            recs = eval_records[es["name"]]
             t1 = time.perf_counter()
+            texts, prompt_stats, gen_info = None, None, None
             with PeakMemory() as emem:
-                texts, prompt_stats = _generate(model, tok, recs, c["es"], cfg, m, s)
+                if cfg.generate:
+                    texts, prompt_stats, gen_info = _generate(model, tok, recs, es, cfg, arm, s)
+                if cfg.likelihood and es["name"] not in like_rows:
+                    like_rows[es["name"]] = _likelihood_rows(model, tok, recs, es, cfg)
             eval_s = time.perf_counter() - t1
-            per, corpus = score(texts, recs, cfg.metrics)
-            cell = {"method": m, "seed": s, "eval_set": c["es"]["name"], "trained": st is not None,
+            per, corpus = _measure(cfg, arm, recs, texts, gen_info, like_rows.get(es["name"]),
+                                   personal[es["name"]] if personal else None, attributors.get(es["name"]))
+            cell = {"method": arm, "seed": s, "eval_set": es["name"], "trained": st is not None,
                     "lr": st["lr"] if st else None,
                     "clip_min": st["clip_min"] if st and uses_clip(m) else None,
                     "clip_max": st["clip_max"] if st and uses_clip(m) else None,
                     "config_hash": digest(c["definition"]), "definition": c["definition"],
                     "metrics": corpus, "prompt_stats": prompt_stats, "train": info, "train_s": round(train_s, 2),
                     "eval_s": round(eval_s, 2), "peak_mem_bytes": max(mem.peak, emem.peak), "mem_kind": mem.kind,
-                    "examples": [{"id": r["id"], "prediction": t, "scores": sc}
-                                 for r, t, sc in zip(recs, texts, per)]}
+                    "examples": [{"id": r["id"], "prediction": texts[i] if texts else None, "scores": per[i],
+                                  **({"new_tokens": gen_info[i]["new_tokens"]} if gen_info else {})}
+                                 for i, r in enumerate(recs)]}
             write_text_atomic(c["path"], json.dumps(cell, indent=1, default=str))
             done += 1
         del model
@@ -443,10 +554,21 @@ def run(cfg: CompareConfig) -> dict:
     # Re-read and re-check every finished cell: parallel processes may have added some.
     cells = [read_cell(c["path"], c["definition"], cfg) for job in plan for c in job["cells"] if c["path"].exists()]
     results = summarize(cfg, cells, eval_sets, settings, base_seeds)
+    if cfg.attribution:
+        from ..attribution import fit_attributor, gold_ceiling
+        results["attribution"] = {}
+        for es in eval_sets:   # chance and the gold responses' own share (the ceiling) beside the arms
+            att = attributors.get(es["name"]) or fit_attributor(eval_records[es["name"]], seed=0)
+            gold = gold_ceiling(att, eval_records[es["name"]])
+            results["attribution"][es["name"]] = {"n_users": len(set(r["user_id"] for r in eval_records[es["name"]])),
+                                                 "chance": gold["chance"], "majority": gold["chance_majority"],
+                                                 "uniform": gold["chance_uniform"], "ceiling": gold["share"]}
     results["metric_versions"] = metric_versions()
     results["run"] = run_info(cfg)
     write_text_atomic(out / "results.json", json.dumps(results, indent=1, default=str))
     write_text_atomic(out / "results.md", render_markdown(results))
     plot(results, out / "results.png")
+    if results["curves"]:
+        plot_curves(results["curves"], out / "curves.png", f"{cfg.model} / {cfg.task}: learning curves")
     return {"cells_computed": done, "cells_skipped": skipped, "output_dir": str(out),
             "table": str(out / "results.md")}

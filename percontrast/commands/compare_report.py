@@ -27,11 +27,42 @@ BASE_METHODS = ("base_profile", "base_noprofile")
 TRAINED_METHODS = METHODS
 ALL_METHODS = BASE_METHODS + TRAINED_METHODS
 REFERENCE = "ce"
+# An arm "X+contrast" is method X's model decoded with profile-contrastive decoding
+# (compare's contrast_arm_alpha); base_noprofile has no profile to contrast.
+CONTRAST_SUFFIX = "+contrast"
+CONTRAST_ARMS = tuple(m + CONTRAST_SUFFIX for m in ALL_METHODS if m != "base_noprofile")
+
+# Metrics beside ROUGE/METEOR, from compare's own measurements. Shares are shown x100 like the
+# overlap metrics; NLL and PIR are in nats, lower NLL is better.
+LIKELIHOOD_METRICS = ("nll", "nll_personal", "nll_other", "mean_pir")
+ATTRIBUTION_METRICS = ("attributed",)
+DEGENERATION_METRICS = ("hit_cap", "loop")
+_UNSCALED = set(LIKELIHOOD_METRICS)
+
+
+def model_method(arm: str) -> str:
+    """The method whose model an arm decodes with: "perce+contrast" -> "perce"."""
+    return arm[: -len(CONTRAST_SUFFIX)] if arm.endswith(CONTRAST_SUFFIX) else arm
 
 
 def uses_clip(method: str) -> bool:
     """Methods whose token weights are clipped to [m, M]; ce ignores the clip grid."""
-    return method in ("perce", "lossce", "entce")
+    method = model_method(method)
+    return method in TRAINED_METHODS and method != "ce"
+
+
+def is_base(arm: str) -> bool:
+    return model_method(arm) in BASE_METHODS
+
+
+def report_metrics(cfg) -> list[str]:
+    """The columns of the report: the overlap metrics (when generating), then what compare measured
+    itself: likelihood metrics, attribution, degeneration."""
+    out = list(cfg.metrics) if cfg.generate else []
+    out += list(LIKELIHOOD_METRICS) if cfg.likelihood else []
+    out += list(ATTRIBUTION_METRICS) if cfg.attribution and cfg.generate else []
+    out += list(DEGENERATION_METRICS) if cfg.generate else []
+    return out
 
 
 # ---------------------------------------------------------------- pairing and statistics
@@ -66,12 +97,13 @@ def pair_by_seed(cells: list[dict], ref_cells: list[dict], seed_independent: boo
     return [by_seed[r["seed"]] for r in ref], ref
 
 
-def score_table(cells: list[dict], metric: str, ids: list[str]) -> list[list[float]]:
-    """Per-example scores [seeds][examples], examples in the order of ``ids`` (paired by id)."""
+def score_table(cells: list[dict], metric: str, ids: list[str], all_ids: list[str] | None = None) -> list[list[float]]:
+    """Per-example scores [seeds][examples], examples in the order of ``ids`` (paired by id). Every
+    cell must hold exactly the examples ``all_ids`` (default ``ids``): a stale cell is refused."""
     rows = []
     for c in cells:
-        by_id = {e["id"]: e["scores"][metric] for e in c["examples"]}
-        if set(by_id) != set(ids):
+        by_id = {e["id"]: e["scores"].get(metric) for e in c["examples"]}
+        if set(by_id) != set(all_ids if all_ids is not None else ids):
             raise UserError(f"cell {c['method']} seed {c['seed']} ({c['eval_set']}) has other test ids than the "
                             f"{REFERENCE} cells; delete the stale cells and rerun")
         rows.append([by_id[i] for i in ids])
@@ -86,9 +118,14 @@ def vs_reference(cells: list[dict], ref_cells: list[dict], metric: str, resample
 
     from ..stats import paired_bootstrap, relative_gain, two_level_bootstrap
 
-    ids = [e["id"] for e in ref_cells[0]["examples"]]
-    a = np.asarray(score_table(cells, metric, ids))      # [S, I]
-    b = np.asarray(score_table(ref_cells, metric, ids))  # [S, I]
+    all_ids = [e["id"] for e in ref_cells[0]["examples"]]
+    # a per-example metric may be undefined for some examples (nll_personal: no personal token);
+    # that set is the same for every arm (fixed before training), so those examples drop out.
+    ids = [e["id"] for e in ref_cells[0]["examples"] if e["scores"].get(metric) is not None]
+    if not ids:
+        return None, None
+    a = np.asarray(score_table(cells, metric, ids, all_ids))      # [S, I]
+    b = np.asarray(score_table(ref_cells, metric, ids, all_ids))  # [S, I]
     res = paired_bootstrap(a.mean(axis=0), b.mean(axis=0), n_resamples=resamples, seed=0)
     res["seeds"] = [c["seed"] for c in ref_cells]
     res["two_level"] = two_level_bootstrap(a - b, n_resamples=resamples, seed=0)
@@ -105,16 +142,16 @@ def _prompt_counts(cells: list[dict]) -> dict:
             "profile_removed": max(st.get("profile_removed", 0) for st in stats)}
 
 
-def _row(cfg, m: str, mc: list[dict], ref_cells: list[dict]) -> dict:
+def _row(cfg, m: str, mc: list[dict], ref_cells: list[dict], metrics: list[str]) -> dict:
     from ..stats import t_interval
 
-    det = m in BASE_METHODS and not cfg.do_sample
+    det = is_base(m) and not cfg.do_sample
     row = {"method": m, "seeds": [c["seed"] for c in mc], "metrics": {}, "vs_ce": {}, "gain_pct": {},
            "shared_seeds": None, "train_s": sum(c["train_s"] for c in mc) / len(mc),
            "eval_s": sum(c["eval_s"] for c in mc) / len(mc),
            "peak_mem_mb": max(c["peak_mem_bytes"] for c in mc) / 2 ** 20, "mem_kind": mc[0]["mem_kind"],
            "deterministic": det, **_prompt_counts(mc)}
-    for metric in cfg.metrics:
+    for metric in metrics:
         d = t_interval([c["metrics"][metric] for c in mc]).as_dict()
         if det:  # greedy, untrained: every seed gives the same output
             d["lo"] = d["hi"] = d["mean"]
@@ -123,7 +160,7 @@ def _row(cfg, m: str, mc: list[dict], ref_cells: list[dict]) -> dict:
         return row
     pm, pr = pair_by_seed(mc, ref_cells, det)
     row["shared_seeds"] = [c["seed"] for c in pr]
-    for metric in cfg.metrics if pm else []:
+    for metric in metrics if pm else []:
         row["vs_ce"][metric], row["gain_pct"][metric] = vs_reference(pm, pr, metric, cfg.bootstrap_resamples)
     return row
 
@@ -135,50 +172,95 @@ def summarize(cfg, cells: list[dict], eval_sets: list[dict], settings: list[dict
     ``cfg`` is the run's ``CompareConfig`` (read only: methods, seeds, metrics, decoding,
     prompt and train settings, ``bootstrap_resamples``); ``base_seeds`` are the seeds the
     untrained methods were run with."""
+    # compare's run loop refuses a cell that lacks a metric of its config (read_cell); cells handed in
+    # directly (tests, older runs) are summarized on the metrics they all have.
+    metrics = [m for m in report_metrics(cfg) if all(m in c["metrics"] for c in cells)]
     groups = []
     for es in eval_sets:
         for st in settings:
             ref_cells = _cells_for(cells, REFERENCE, es["name"], st, cfg.seeds)
             rows = []
             for m in cfg.methods:
-                mc = _cells_for(cells, m, es["name"], st, base_seeds if m in BASE_METHODS else cfg.seeds)
+                mc = _cells_for(cells, m, es["name"], st, base_seeds if is_base(m) else cfg.seeds)
                 if mc:
-                    rows.append(_row(cfg, m, mc, ref_cells))
+                    rows.append(_row(cfg, m, mc, ref_cells, metrics))
             groups.append({"eval_set": es["name"], "task": es["task"], "data": es["data"],
                            "n_examples": len(ref_cells[0]["examples"]) if ref_cells else None, **st, "rows": rows})
     return {"model": cfg.model, "train_data": cfg.data, "task": cfg.task, "methods": cfg.methods, "seeds": cfg.seeds,
             "train": cfg.train, "decoding": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DecodingOptions)},
             "prompt": {"k": cfg.k, "retriever": cfg.retriever, "max_length": cfg.max_length},
-            "metrics": cfg.metrics, "bootstrap_resamples": cfg.bootstrap_resamples,
+            "metrics": metrics, "bootstrap_resamples": cfg.bootstrap_resamples,
             "unhashed_cells": sorted(f"{c['method']}__seed{c['seed']}__{c['eval_set']}" for c in cells
                                      if c.get("unhashed")),
-            "groups": groups}
+            "groups": groups, "curves": learning_curves(cells)}
+
+
+def learning_curves(cells: list[dict]) -> dict:
+    """Validation NLL per step of every trained model (train: eval_data / eval_every), one curve per
+    (method, seed, learning rate, clip): {label: {seed: [[step, val_nll], ...]}}. A model's curve is
+    stored in each of its cells; it is taken once."""
+    out: dict = {}
+    for c in sorted(cells, key=lambda c: (c["method"], c["seed"])):
+        curve = (c.get("train") or {}).get("curve")
+        if not curve or c["method"].endswith(CONTRAST_SUFFIX):
+            continue
+        label = c["method"] + (f" lr{c['lr']:g}" if c.get("lr") else "") + \
+            (f" [{c['clip_min']:g},{c['clip_max']:g}]" if c.get("clip_min") is not None else "")
+        out.setdefault(label, {}).setdefault(str(c["seed"]), curve)
+    return out
+
+
+def plot_curves(curves: dict, path: Path, title: str) -> None:
+    """val NLL vs step, one colour per method (all seeds drawn, thin)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, (label, seeds) in enumerate(sorted(curves.items())):
+        colour = f"C{i % 10}"
+        for j, pts in enumerate(seeds.values()):
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colour, alpha=0.8, lw=1.2,
+                    marker="o", ms=2.5, label=label if j == 0 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation NLL / token (with profile)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------- markdown and plot
 
 _LABEL = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
-          "meteor": "METEOR"}
+          "meteor": "METEOR", "nll": "NLL/token", "nll_personal": "NLL personal", "nll_other": "NLL other",
+          "mean_pir": "mean PIR", "attributed": "own-author %", "hit_cap": "hit cap %", "loop": "loop %"}
 
 
-def _fmt_iv(d: dict) -> str:
+def _fmt_iv(d: dict, metric: str = "") -> str:
+    k, f = (1, 3) if metric in _UNSCALED else (100, 2)
     if d["lo"] is None:
-        return f"{100 * d['mean']:.2f}"
-    return f"{100 * d['mean']:.2f} [{100 * d['lo']:.2f}, {100 * d['hi']:.2f}]"
+        return f"{k * d['mean']:.{f}f}"
+    return f"{k * d['mean']:.{f}f} [{k * d['lo']:.{f}f}, {k * d['hi']:.{f}f}]"
 
 
-def _fmt_delta(b: dict | None, shared: list | None) -> str:
+def _fmt_delta(b: dict | None, shared: list | None, metric: str = "") -> str:
     if shared == []:
         return "no shared seed"
     if b is None:
         return "—"
-    text = f"{100 * b['diff']:+.2f} [{100 * b['lo']:+.2f}, {100 * b['hi']:+.2f}]"
+    k, f = (1, 3) if metric in _UNSCALED else (100, 2)
+    text = f"{k * b['diff']:+.{f}f} [{k * b['lo']:+.{f}f}, {k * b['hi']:+.{f}f}]"
     tl = b.get("two_level")  # absent in results written before it existed
     if tl is None:
         return text
     if not tl["seed_level"]:
         return text + " [n/a: 1 shared seed]"
-    return text + f" [{100 * tl['lo']:+.2f}, {100 * tl['hi']:+.2f}]"
+    return text + f" [{k * tl['lo']:+.{f}f}, {k * tl['hi']:+.{f}f}]"
 
 
 def _fmt_shared(r: dict) -> str:
@@ -197,7 +279,13 @@ _NOTES = ("Scores x100. Per method: mean over its seeds [95% t-interval over see
           "seed there is no seed level ('n/a: 1 shared seed'). {resamples} resamples each, RNG seed 0. "
           "Gain: relative difference against ce of the means over the shared seeds, in %. "
           "\\* untrained and greedy: evaluated once (the output is the same for every seed), and that run is "
-          "paired with every ce seed.")
+          "paired with every ce seed. "
+          "NLL/token, NLL personal / other (nats, lower is better) and mean PIR: the gold response scored "
+          "with the profile, no generation; personal tokens are the gold tokens the untrained model gives "
+          "PIR > 0.8 (one fixed set for every arm); corpus values are token-weighted, differences are over "
+          "per-example means. own-author %: share of generations a char n-gram classifier trained on the "
+          "eval users' profiles attributes to their own user. hit cap %: generations that reached "
+          "max_new_tokens without an end token; loop %: generations with a repeated n-gram loop.")
 
 
 def _group_tables(res: dict, g: dict) -> list[str]:
@@ -205,7 +293,7 @@ def _group_tables(res: dict, g: dict) -> list[str]:
     head = ["method", "seeds"] + label + ["train+load s", "eval s", "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in g["rows"]:
-        cells = [r["method"], str(len(r["seeds"]))] + [_fmt_iv(r["metrics"][m]) for m in res["metrics"]]
+        cells = [r["method"], str(len(r["seeds"]))] + [_fmt_iv(r["metrics"][m], m) for m in res["metrics"]]
         cells += [f"{r['train_s']:.0f}", f"{r['eval_s']:.0f}", f"{r['peak_mem_mb']:.0f} ({r['mem_kind']})"]
         lines.append("| " + " | ".join(cells) + " |")
     head = ["method", "shared seeds with ce"] + \
@@ -215,7 +303,7 @@ def _group_tables(res: dict, g: dict) -> list[str]:
         if r["method"] == REFERENCE:
             continue
         shared = r.get("shared_seeds")
-        cells = [r["method"], _fmt_shared(r)] + [_fmt_delta(r["vs_ce"].get(m), shared) for m in res["metrics"]]
+        cells = [r["method"], _fmt_shared(r)] + [_fmt_delta(r["vs_ce"].get(m), shared, m) for m in res["metrics"]]
         cells += ["—" if r["gain_pct"].get(m) is None else f"{r['gain_pct'][m]:+.1f}" for m in res["metrics"]]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + ["", _prompt_note(g)]
@@ -242,6 +330,16 @@ def render_markdown(res: dict) -> str:
         lines += [f"## eval set `{g['eval_set']}` ({g['task']}, {g['n_examples']} examples), "
                   f"lr {g['lr']:g}, clip [{g['clip_min']:g}, {g['clip_max']:g}]", ""]
         lines += _group_tables(res, g) + [""]
+    if res.get("attribution"):
+        for name, a in res["attribution"].items():
+            lines += [f"Attribution (`{name}`): {a['n_users']} users; chance {100 * a['chance']:.1f}%, majority "
+                      f"class {100 * a['majority']:.1f}%, gold responses (ceiling) {100 * a['ceiling']:.1f}%.", ""]
+    if res.get("curves"):
+        lines += ["Learning curves (validation NLL / token, with profile; step: value), per model:", ""]
+        for label, seeds in sorted(res["curves"].items()):
+            for seed, pts in seeds.items():
+                lines.append(f"- {label} seed {seed}: " + ", ".join(f"{p[0]}: {p[1]:.3f}" for p in pts))
+        lines.append("")
     if res.get("unhashed_cells"):
         lines += [f"Cells without a settings hash, reused on the user's word (--adopt-unhashed-cells): "
                   f"{', '.join(res['unhashed_cells'])}.", ""]
@@ -286,16 +384,17 @@ def plot(res: dict, path: Path) -> None:
                 ax.set_xlabel("learning rate")
             else:
                 g = groups[0]
+                k = 1 if metric in _UNSCALED else 100
                 names = [r["method"] for r in g["rows"]]
-                means = [100 * r["metrics"][metric]["mean"] for r in g["rows"]]
-                err = [[100 * (r["metrics"][metric]["mean"] - (r["metrics"][metric]["lo"] or r["metrics"][metric]["mean"]))
+                means = [k * r["metrics"][metric]["mean"] for r in g["rows"]]
+                err = [[k * (r["metrics"][metric]["mean"] - (r["metrics"][metric]["lo"] or r["metrics"][metric]["mean"]))
                         for r in g["rows"]],
-                       [100 * ((r["metrics"][metric]["hi"] or r["metrics"][metric]["mean"]) - r["metrics"][metric]["mean"])
+                       [k * ((r["metrics"][metric]["hi"] or r["metrics"][metric]["mean"]) - r["metrics"][metric]["mean"])
                         for r in g["rows"]]]
                 ax.bar(range(len(names)), means, yerr=err, capsize=3,
                        color=["#d62728" if n == "perce" else "#1f77b4" if n == "ce" else "#999999" for n in names])
                 ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-            ax.set_title(f"{ev}: {_LABEL.get(metric, metric)} (x100)")
+            ax.set_title(f"{ev}: {_LABEL.get(metric, metric)}" + ("" if metric in _UNSCALED else " (x100)"))
             ax.grid(alpha=0.3)
         if len(lrs) > 1:
             axes[i][-1].legend(fontsize=7)
