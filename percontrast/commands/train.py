@@ -149,7 +149,9 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, records: list[dict], *, ca
     if cfg.eval_every > 0:
         from ..datasets import load_records
         from ..prompts import get_task
-        eval_rows = encode_all(builder, load_records(cfg.eval_data, get_task(cfg.task), limit=cfg.eval_limit),
+        # a builder of its own, so the prompt-length counters of the run count training records only
+        eval_rows = encode_all(cfg.prompt_builder(tokenizer),
+                               load_records(cfg.eval_data, get_task(cfg.task), limit=cfg.eval_limit),
                                desc="encoding eval")
         collate = PairedCollator(tokenizer.pad_token_id)
         curve = ValidationCurve([collate(eval_rows[i:i + cfg.batch_size])
