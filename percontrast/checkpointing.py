@@ -90,7 +90,16 @@ class AtomicCheckpointMixin:
         self.accelerator.wait_for_everyone()
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and getattr(self, "is_fsdp_enabled", False) and _stateless_sgd(self.optimizer):
+            # FSDP2 loads the optimizer with torch's set_optimizer_state_dict, which (torch 2.13) asserts
+            # "Expected device to be set" for an optimizer that holds no tensors (SGD without momentum).
+            # Such an optimizer has nothing to restore but its learning rate: take it from the scheduler.
+            import torch
+            self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
+            for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+                group["lr"] = lr
+        else:
+            super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
         path = Path(checkpoint) / EXTRA_STATE
@@ -100,3 +109,10 @@ class AtomicCheckpointMixin:
             for k, v in state.items():
                 if k in self.extra_state_attrs:
                     setattr(self, k, v)
+
+
+def _stateless_sgd(optimizer) -> bool:
+    """torch SGD with momentum 0 in every group (under accelerate's wrapper): it keeps no state."""
+    import torch
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return type(inner) is torch.optim.SGD and all(g.get("momentum", 0) == 0 for g in inner.param_groups)
