@@ -69,22 +69,6 @@ def write_data(path: Path, n: int, seed: int = 0) -> Path:
 
 
 # ----------------------------------------------------------------------------- the worker
-def _force_fsdp_on_cpu() -> None:
-    """The patch of tests/test_fsdp.py: make accelerate 1.15 do on CPU what it does on GPUs with an
-    FSDP plugin (it drops the plugin for MULTI_CPU runs)."""
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    orig = AcceleratorState.__init__
-
-    def init(self, *args, fsdp_plugin=None, **kwargs):
-        orig(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = fsdp_plugin
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-
-    AcceleratorState.__init__ = init
 
 
 def worker(spec_path: Path) -> None:
@@ -92,7 +76,9 @@ def worker(spec_path: Path) -> None:
     if spec["threads"]:
         import torch
         torch.set_num_threads(spec["threads"])
-    _force_fsdp_on_cpu()
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers.fsdp import force_fsdp_on_cpu   # the test's patch, one copy
+    force_fsdp_on_cpu()
     import torch
     from transformers import TrainerCallback
 

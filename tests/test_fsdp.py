@@ -85,6 +85,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))   # the worker runs as a script under accelerate launch
 
+from helpers.fsdp import force_fsdp_on_cpu  # noqa: E402
 from helpers import ROOT, cli_env, load_params, max_param_diff, run_cli, step_losses, write_records  # noqa: E402
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]   # the accelerate of this environment
@@ -96,24 +97,6 @@ KILL_AFTER = 2         # every_k_kill: killed right after the checkpoint of this
 
 
 # ----------------------------------------------------------------------------- the worker
-def _force_fsdp_on_cpu() -> None:
-    """accelerate 1.15 drops an FSDP plugin on CPU (MULTI_CPU is not in the branch of
-    AcceleratorState.__init__ that turns a run into FSDP); make it do on CPU what it does on GPUs."""
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    orig = AcceleratorState.__init__
-
-    def init(self, *args, fsdp_plugin=None, **kwargs):
-        orig(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = fsdp_plugin
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-
-    AcceleratorState.__init__ = init
-
-
 class _Killed(Exception):
     pass
 
@@ -144,7 +127,7 @@ def _worker(spec: Path) -> None:
     """Run each entry {"name", "argv", "inject"} of ``spec`` with percontrast.cli.main in this process
     and write <spec>.<name>.rank-<R>-of-<W>.json: the engine, and per training step the FSDP
     all-gathers and the decoder-layer forwards (all of them / in the E-step)."""
-    _force_fsdp_on_cpu()
+    force_fsdp_on_cpu()
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group as pg
 
     import percontrast.trainer as tr
