@@ -30,6 +30,10 @@ def main(argv=None) -> None:
     ap.add_argument("--contrast-ngram", type=int, default=3)
     ap.add_argument("--alphas", type=float, nargs="*", default=[0.5, 1.0, 2.0])
     ap.add_argument("--limit", type=int, default=None, help="Use only the first N records.")
+    ap.add_argument("--no-swap", action="store_true", help="Skip the swap variant.")
+    ap.add_argument("--resume", action="store_true",
+                    help="Keep the rows already in --out/results.json (same data, size and model) and run only "
+                         "the variants it lacks.")
     a = ap.parse_args(argv)
 
     from percontrast.attribution import attribution_share, fit_attributor, gold_ceiling
@@ -48,10 +52,25 @@ def main(argv=None) -> None:
     variants = [("greedy", {"no_repeat_ngram_size": 0}), ("greedy, no-repeat 3", {"no_repeat_ngram_size": 3})]
     variants += [(f"contrast alpha {x:g}, no-repeat {a.contrast_ngram}",
                   {"no_repeat_ngram_size": a.contrast_ngram, "contrast_alpha": x}) for x in a.alphas]
-    variants += [(f"contrast alpha 1 swap, no-repeat {a.contrast_ngram}",
-                  {"no_repeat_ngram_size": a.contrast_ngram, "contrast_alpha": 1.0, "contrast_counterfactual": "swap"})]
-    rows = []
+    if not a.no_swap:
+        variants += [(f"contrast alpha 1 swap, no-repeat {a.contrast_ngram}",
+                      {"no_repeat_ngram_size": a.contrast_ngram, "contrast_alpha": 1.0,
+                       "contrast_counterfactual": "swap"})]
+    rows, earlier = [], []
+    old = Path(a.out) / "results.json"
+    if a.resume and old.exists():
+        prev = json.loads(old.read_text())
+        cfg = prev["run"]["config"]
+        if (cfg["data"], prev["n"], prev["model"], cfg["max_length"]) != (a.data, len(recs), a.model, a.max_length):
+            raise SystemExit(f"{old}: made for {cfg['data']} ({prev['n']} records, {prev['model']}, max_length "
+                             f"{cfg['max_length']}), not {a.data} ({len(recs)}, {a.model}, {a.max_length}); "
+                             f"drop --resume or choose another --out")
+        rows = prev["rows"]
+        earlier = [*prev.get("earlier_runs", []), prev["run"]]
+    done = {r["variant"] for r in rows}
     for name, kw in variants:
+        if name in done:
+            continue
         dec = DecodingOptions(max_new_tokens=a.max_new_tokens, batch_size=16, **kw)
         info: list = []
         t0 = time.perf_counter()
@@ -64,9 +83,16 @@ def main(argv=None) -> None:
                      "hit_cap": deg["hit_cap"], "loop": deg["loop"], "seq_rep_4": deg["seq_rep_4"],
                      "distinct_2": deg["distinct_2"], "seconds": round(secs, 1)})
         print(json.dumps(rows[-1]), flush=True)
+    # plain first, then contrast by alpha, swap last: the table reads as the alpha curve
+    rows.sort(key=lambda r: (r["decoding"].get("contrast_alpha", 0) > 0,
+                             r["decoding"].get("contrast_counterfactual") == "swap",
+                             r["decoding"].get("contrast_alpha", 0), r["decoding"].get("no_repeat_ngram_size", 0)))
     gold = gold_ceiling(att, recs)
-    res = {"data": a.data, "n": len(recs), "model": a.model, "rows": rows,
+    label = a.data if a.limit is None else f"{a.data} (first {a.limit})"
+    res = {"data": label, "n": len(recs), "model": a.model, "rows": rows,
            "attribution": {"chance": gold["chance"], "ceiling": gold["share"]}, "run": run_info(opts)}
+    if earlier:
+        res["earlier_runs"] = earlier
     write(res, Path(a.out))
 
 
@@ -88,7 +114,10 @@ def write(res: dict, out: Path) -> None:
     att, run = res["attribution"], res["run"]
     lines += ["", f"Attribution: chance (majority user) {100 * att['chance']:.1f}%, gold responses "
               f"{100 * att['ceiling']:.1f}%.", "", f"Machine: {run.get('machine')}; date {run.get('date')}; "
-              f"git {run.get('git_commit')}.", ""]
+              f"git {run.get('git_commit')}."]
+    for e in res.get("earlier_runs", []):
+        lines.append(f"Rows kept from an earlier run: {e.get('machine')}; date {e.get('date')}; git {e.get('git_commit')}.")
+    lines.append("")
     write_text_atomic(out / "results.md", "\n".join(lines))
 
 

@@ -449,3 +449,23 @@ def test_contrast_arm_attribution_and_degeneration(tmp_path, monkeypatch):
     rows = {r["method"]: r for r in res["groups"][0]["rows"]}
     assert set(rows) == {"ce", "ce+contrast", "base_profile+contrast"}
     assert rows["base_profile+contrast"]["deterministic"]
+
+
+def test_method_seeds_run_fewer_seeds_for_named_arms(tmp_path, fake_training):
+    """method_seeds: perce+contrast only at seed 0 (ce's model is still built for both seeds; perce's
+    model only where an arm needs it); the table pairs it with ce on the seed both have."""
+    cfg = _cfg(tmp_path, methods=["ce", "perce", "perce+contrast"], seeds=[0, 1],
+               method_seeds={"perce": [1], "perce+contrast": [0]})
+    C.run(cfg)
+    assert sorted(fake_training) == sorted([("ce", 0, 2e-5, 0.8), ("ce", 1, 2e-5, 0.8),
+                                            ("perce", 0, 2e-5, 0.8), ("perce", 1, 2e-5, 0.8)])
+    cells = sorted(p.name for p in (tmp_path / "cmp" / "cells").glob("*.json"))
+    assert cells == ["ce__seed0__lr2e-05__test.json", "ce__seed1__lr2e-05__test.json",
+                     "perce+contrast__seed0__lr2e-05__clip0.8-5__test.json",
+                     "perce__seed1__lr2e-05__clip0.8-5__test.json"]
+    rows = {r["method"]: r for r in json.loads((tmp_path / "cmp" / "results.json").read_text())["groups"][0]["rows"]}
+    assert rows["perce"]["seeds"] == [1] and rows["perce+contrast"]["seeds"] == [0]
+    for bad, msg in [({"lossce": [0]}, "not a trained arm in methods"), ({"perce": [2]}, "drawn from seeds"),
+                     ({"perce": []}, "drawn from seeds"), ({"base_profile": [0]}, "not a trained arm")]:
+        with pytest.raises(UserError, match=msg):
+            _cfg(tmp_path, methods=["base_profile", "ce", "perce"], method_seeds=bad)

@@ -55,6 +55,8 @@ class CompareConfig(ModelDataOptions, DecodingOptions):
                                "perce+contrast, base_profile+contrast): X's model decoded with profile-contrastive "
                                "decoding at --contrast-arm-alpha, a separate arm on the same trained model.")
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], help="Training seeds.")
+    method_seeds: dict = field(default_factory=dict, help="YAML: fewer seeds for some trained arms, e.g. {lossce: "
+                               "[0, 1, 2], perce+contrast: [0]} (a subset of seeds); arms not named use every seed.")
     test_data: str = field("", help="Test records (evaluated as eval set 'test'); or give eval_sets in YAML.")
     test_limit: int | None = field(None, help="Use only the first N test records (a capped test set).")
     eval_sets: list[dict] = field(default_factory=list, help="YAML: list of {name, data, task (default: the "
@@ -99,6 +101,12 @@ class CompareConfig(ModelDataOptions, DecodingOptions):
         self.metrics = list(check_metrics(self.metrics))
         if not self.seeds:
             raise UserError("seeds: give at least one seed")
+        for arm, seeds in self.method_seeds.items():
+            if arm not in self.methods or is_base(arm):
+                raise UserError(f"method_seeds: {arm!r} is not a trained arm in methods ({', '.join(self.methods)})")
+            if not isinstance(seeds, list) or not seeds or not set(seeds) <= set(self.seeds):
+                raise UserError(f"method_seeds.{arm}: give a non-empty list drawn from seeds {self.seeds}; "
+                                f"got {seeds!r}")
         if not self.test_data and not self.eval_sets:
             raise UserError("give test_data or eval_sets")
         if self.bootstrap_resamples < 100:
@@ -120,6 +128,9 @@ class CompareConfig(ModelDataOptions, DecodingOptions):
         self.train_config(REFERENCE, self.seeds[0])  # validates the train: block now (unknown keys, values)
 
     # -- derived -------------------------------------------------------------------
+    def seeds_for(self, arm: str) -> list[int]:
+        return self.method_seeds.get(arm, self.seeds)
+
     def eval_sets_resolved(self) -> list[dict]:
         sets = [{"name": "test", "data": self.test_data, "task": self.task, "limit": self.test_limit}] \
             if self.test_data else []
@@ -376,6 +387,8 @@ def _plan(cfg, jobs, eval_sets, digests, out: Path) -> list[dict]:
     for m, s, st in jobs:
         cells = []
         for arm in (a for a in cfg.methods if model_method(a) == m):
+            if st is not None and s not in cfg.seeds_for(arm):
+                continue   # a job whose arms all skip this seed has no cells and trains nothing
             for es in eval_sets:
                 path = out / "cells" / f"{cell_key(arm, s, st or {}, es['name'], st is not None)}.json"
                 definition = cell_definition(cfg, arm, s, st, es, digests)

@@ -297,7 +297,7 @@ def _group_tables(res: dict, g: dict) -> list[str]:
         cells += [f"{r['train_s']:.0f}", f"{r['eval_s']:.0f}", f"{r['peak_mem_mb']:.0f} ({r['mem_kind']})"]
         lines.append("| " + " | ".join(cells) + " |")
     head = ["method", "shared seeds with ce"] + \
-           [f"Δ{x} vs ce [CI: examples] [CI: seeds, then examples]" for x in label] + [f"gain {x} %" for x in label]
+           [f"Δ{x} vs ce [CI: examples] [CI: seeds, then examples]" for x in label] + [f"gain {x.removesuffix(' %')} (%)" for x in label]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in g["rows"]:
         if r["method"] == REFERENCE:
