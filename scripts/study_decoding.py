@@ -31,10 +31,15 @@ def main(argv=None) -> None:
     ap.add_argument("--alphas", type=float, nargs="*", default=[0.5, 1.0, 2.0])
     ap.add_argument("--limit", type=int, default=None, help="Use only the first N records.")
     ap.add_argument("--no-swap", action="store_true", help="Skip the swap variant.")
+    ap.add_argument("--summarize-only", action="store_true",
+                    help="Only rebuild results.md and alpha_curve.png from --out/results.json.")
     ap.add_argument("--resume", action="store_true",
                     help="Keep the rows already in --out/results.json (same data, size and model) and run only "
                          "the variants it lacks.")
     a = ap.parse_args(argv)
+    if a.summarize_only:
+        write(json.loads((Path(a.out) / "results.json").read_text()), Path(a.out))
+        return
 
     from percontrast.attribution import attribution_share, fit_attributor, gold_ceiling
     from percontrast.commands.evaluate import score
@@ -119,6 +124,50 @@ def write(res: dict, out: Path) -> None:
         lines.append(f"Rows kept from an earlier run: {e.get('machine')}; date {e.get('date')}; git {e.get('git_commit')}.")
     lines.append("")
     write_text_atomic(out / "results.md", "\n".join(lines))
+    plot_alpha(res, out / "alpha_curve.png")
+
+
+def plot_alpha(res: dict, path: Path) -> None:
+    """The alpha curve: each metric against alpha, no-profile contrast (alpha 0 = plain greedy with the same
+    n-gram ban); the swap variant and chance / gold attribution as markers and lines."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from percontrast.files import write_bytes_atomic
+
+    def ngram(r):
+        return r["decoding"].get("no_repeat_ngram_size", 0)
+    contrast = [r for r in res["rows"] if r["decoding"].get("contrast_alpha", 0) > 0]
+    if not contrast:
+        return
+    n = ngram(contrast[0])
+    curve = [r for r in res["rows"] if ngram(r) == n and r["decoding"].get("contrast_counterfactual") != "swap"]
+    curve.sort(key=lambda r: r["decoding"].get("contrast_alpha", 0))
+    swap = [r for r in contrast if r["decoding"].get("contrast_counterfactual") == "swap"]
+    panels = [("rouge1", "ROUGE-1"), ("rougeL", "ROUGE-L"), ("meteor", "METEOR"), ("attributed", "own-author %")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0))
+    for ax, (key, label) in zip(axes, panels):
+        xs = [r["decoding"].get("contrast_alpha", 0) for r in curve]
+        ax.plot(xs, [100 * r[key] for r in curve], marker="o", label="vs no profile")
+        for r in swap:
+            ax.plot([r["decoding"]["contrast_alpha"]], [100 * r[key]], marker="s", ls="", color="C3",
+                    label="vs another user's profile")
+        if key == "attributed":
+            ax.axhline(100 * res["attribution"]["chance"], color="grey", ls=":", label="chance")
+            ax.axhline(100 * res["attribution"]["ceiling"], color="grey", ls="--", label="gold mails")
+        ax.set_xlabel("contrast alpha")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(f"{res['data']}, {res['n']} examples, untrained {res['model']} (no-repeat {n})", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 if __name__ == "__main__":

@@ -469,3 +469,62 @@ def test_method_seeds_run_fewer_seeds_for_named_arms(tmp_path, fake_training):
                      ({"perce": []}, "drawn from seeds"), ({"base_profile": [0]}, "not a trained arm")]:
         with pytest.raises(UserError, match=msg):
             _cfg(tmp_path, methods=["base_profile", "ce", "perce"], method_seeds=bad)
+
+
+def test_variants_are_arms_with_train_overrides(tmp_path, monkeypatch):
+    """perce@norm trains perce with variants.norm on top of train:, is its own cell and row, and pairs with ce;
+    its settings hash differs from perce's (so neither cell can stand in for the other)."""
+    from percontrast.models import load_model
+    seen = []
+
+    def fake(tcfg, records):
+        seen.append((tcfg.method, tcfg.normalize, tcfg.refresh, tcfg.max_steps))
+        model, tok = load_model("tiny-random")
+        return model, tok, {"steps": 0, "train_s": 0.0}
+
+    monkeypatch.setattr(C, "train_model", fake)
+    cfg = _cfg(tmp_path, seeds=[0], methods=["ce", "perce", "perce@norm", "perce@k2+contrast"],
+               variants={"norm": {"normalize": "weights"}, "k2": {"refresh": "every_k", "refresh_every": 2}})
+    C.run(cfg)
+    assert sorted(seen) == sorted([("ce", "tokens", "step", 1), ("perce", "tokens", "step", 1),
+                                   ("perce", "weights", "step", 1), ("perce", "tokens", "every_k", 1)])
+    cells = {p.name: json.loads(p.read_text()) for p in (tmp_path / "cmp" / "cells").glob("*.json")}
+    norm = cells["perce@norm__seed0__lr2e-05__clip0.8-5__test.json"]
+    plain = cells["perce__seed0__lr2e-05__clip0.8-5__test.json"]
+    assert norm["definition"]["train"]["config"]["normalize"] == "weights"
+    assert norm["definition"]["train"]["config"]["method"] == "perce"
+    assert norm["config_hash"] != plain["config_hash"]
+    assert cells["perce@k2+contrast__seed0__lr2e-05__clip0.8-5__test.json"]["definition"]["decoding"]["contrast_alpha"] > 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "cmp" / "results.json").read_text())["groups"][0]["rows"]}
+    assert set(rows) == {"ce", "perce", "perce@norm", "perce@k2+contrast"}
+    assert rows["perce@norm"]["vs_ce"]
+    for bad, variants, msg in [("perce@nope", {}, "unknown method 'perce@nope'"),
+                               ("base_profile@norm", {"norm": {"normalize": "weights"}}, "unknown method"),
+                               ("perce@x", {"x": {"clip_min": 1.0}}, "cannot be set by a variant"),
+                               ("perce@x", {"x": {"seed": 3}}, "cannot be set by a variant"),
+                               ("perce@x", {"x": {"normalise": "weights"}}, "cannot be set by a variant"),
+                               ("perce@x", {"x": {}}, "give a mapping")]:
+        with pytest.raises(UserError, match=msg):
+            _cfg(tmp_path, methods=["ce", bad], variants=variants)
+    with pytest.raises(UserError, match=r"train \+ variants.x: key .refresh.: .sometimes"):
+        _cfg(tmp_path, methods=["ce", "perce@x"], variants={"x": {"refresh": "sometimes"}})
+
+
+def test_reuse_cells_from_copies_only_cells_with_the_same_settings(tmp_path, fake_training):
+    """An ablation that reuses a finished study: ce and perce come from the main run's folder, only the new
+    clip is trained; a main-run cell made with other settings is not taken."""
+    main = _cfg(tmp_path, seeds=[0], output_dir=str(tmp_path / "main"))
+    C.run(main)
+    fake_training.clear()
+    abl = _cfg(tmp_path, seeds=[0], clips=["0.8:5", "1:5"], output_dir=str(tmp_path / "abl"),
+               reuse_cells_from=[str(tmp_path / "main")])
+    r = C.run(abl)
+    assert fake_training == [("perce", 0, 2e-5, 1.0)]
+    assert r["cells_computed"] == 1
+    for name in ["ce__seed0__lr2e-05__test.json", "perce__seed0__lr2e-05__clip0.8-5__test.json"]:
+        assert (tmp_path / "abl" / "cells" / name).read_text() == (tmp_path / "main" / "cells" / name).read_text()
+    # other decoding settings -> other hashes: nothing reused, everything trained again
+    fake_training.clear()
+    C.run(_cfg(tmp_path, seeds=[0], max_new_tokens=2, output_dir=str(tmp_path / "abl2"),
+               reuse_cells_from=[str(tmp_path / "main")]))
+    assert sorted(fake_training) == sorted([("ce", 0, 2e-5, 0.8), ("perce", 0, 2e-5, 0.8)])

@@ -40,8 +40,8 @@ from ..files import write_text_atomic
 from ..metrics import DEFAULT_METRICS, check_metrics
 from ..options import DecodingOptions, ModelDataOptions
 from .compare_report import (ALL_METHODS, BASE_METHODS, CONTRAST_ARMS, CONTRAST_SUFFIX, REFERENCE, TRAINED_METHODS,
-                             is_base, model_method, plot, plot_curves, render_markdown, report_metrics, summarize,
-                             uses_clip)
+                             VARIANT_SEP, is_base, model_method, plot, plot_curves, render_markdown, report_metrics,
+                             summarize, train_method, uses_clip, variant_of)
 
 # TrainConfig fields that compare owns (set per cell or shared from the top level)
 _OWNED = {"method", "seed", "learning_rate", "clip_min", "clip_max", "output_dir", "resume", "overwrite",
@@ -55,6 +55,10 @@ class CompareConfig(ModelDataOptions, DecodingOptions):
                                "perce+contrast, base_profile+contrast): X's model decoded with profile-contrastive "
                                "decoding at --contrast-arm-alpha, a separate arm on the same trained model.")
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], help="Training seeds.")
+    variants: dict = field(default_factory=dict, help="YAML: named training variants, e.g. {norm: {normalize: "
+                           "weights}, every4: {refresh: every_k, refresh_every: 4}}: TrainConfig overrides on top of "
+                           "train:, run as arm X@name (perce@norm) beside X in the same table; the clip is the clips "
+                           "grid's, not a variant's.")
     method_seeds: dict = field(default_factory=dict, help="YAML: fewer seeds for some trained arms, e.g. {lossce: "
                                "[0, 1, 2], perce+contrast: [0]} (a subset of seeds); arms not named use every seed.")
     test_data: str = field("", help="Test records (evaluated as eval set 'test'); or give eval_sets in YAML.")
@@ -81,16 +85,22 @@ class CompareConfig(ModelDataOptions, DecodingOptions):
     attribution: bool = field(False, help="Also attribute each generation to a user with a char n-gram classifier "
                               "trained on the eval set's profile texts: share attributed to its own user.")
     contrast_arm_alpha: float = field(1.0, help="alpha of the X+contrast arms (profile-contrastive decoding).")
+    reuse_cells_from: list[str] = field(default_factory=list, help="Other compare output_dirs whose finished "
+                                        "cells are copied in when their settings hash equals this config's cell "
+                                        "(e.g. an ablation reusing the main study's ce and perce cells).")
     adopt_unhashed_cells: bool = field(False, help="Reuse cells written before cells carried a settings hash, "
                                        "taking your word that they were made with this config (they are "
                                        "listed in results.json/md). Without it such cells are refused.")
 
     def __post_init__(self):
         super().__post_init__()  # each option group checks its own fields (decoding too)
-        bad = [m for m in self.methods if m not in ALL_METHODS + CONTRAST_ARMS]
+        self._check_variants()
+        bad = [m for m in self.methods if not self._known_arm(m)]
         if bad or not self.methods:
             raise UserError(f"unknown method {', '.join(map(repr, bad)) or '(none given)'}; "
-                            f"known: {', '.join(ALL_METHODS)}, and X{CONTRAST_SUFFIX} for any but base_noprofile")
+                            f"known: {', '.join(ALL_METHODS)}, X{CONTRAST_SUFFIX} for any but base_noprofile, and "
+                            f"X{VARIANT_SEP}NAME for a trained X and a name in variants "
+                            f"({', '.join(self.variants) or 'none defined'})")
         self.methods = list(dict.fromkeys(self.methods))
         if not self.generate and not self.likelihood:
             raise UserError("--no-generate measures nothing without --likelihood")
@@ -126,8 +136,32 @@ class CompareConfig(ModelDataOptions, DecodingOptions):
         if any(lr <= 0 for lr in self.learning_rates):
             raise UserError("learning_rates must be > 0")
         self.train_config(REFERENCE, self.seeds[0])  # validates the train: block now (unknown keys, values)
+        for arm in self.methods:                      # and each variant's values on top of it
+            if variant_of(arm):
+                self.train_config(model_method(arm), self.seeds[0])
 
     # -- derived -------------------------------------------------------------------
+    def _check_variants(self) -> None:
+        from .train import TrainConfig
+        known = {f.name for f in dataclasses.fields(TrainConfig)} - _OWNED
+        for name, over in self.variants.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
+                raise UserError(f"variants: name {name!r} must be letters, digits, _ . or -")
+            if not isinstance(over, dict) or not over:
+                raise UserError(f"variants.{name}: give a mapping of TrainConfig fields, e.g. {{normalize: weights}}")
+            bad = sorted(set(over) - known) + sorted(set(over) & {"clip_min", "clip_max", "learning_rate"})
+            if bad:
+                raise UserError(f"variants.{name}: keys {bad} cannot be set by a variant (unknown, or set per "
+                                "grid point: learning_rates / clips)")
+
+    def _known_arm(self, arm: str) -> bool:
+        if arm.endswith(CONTRAST_SUFFIX) and model_method(arm) == "base_noprofile":
+            return False
+        name = variant_of(arm)
+        if name is None:
+            return model_method(arm) in ALL_METHODS
+        return train_method(arm) in TRAINED_METHODS and name in self.variants
+
     def seeds_for(self, arm: str) -> list[int]:
         return self.method_seeds.get(arm, self.seeds)
 
@@ -156,13 +190,17 @@ class CompareConfig(ModelDataOptions, DecodingOptions):
         if owned:
             raise UserError(f"train: keys {owned} are set by compare itself (top level / per cell)")
         values = dict(self.train)
+        values.update(self.variants.get(variant_of(method), {}) if variant_of(method) else {})
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelDataOptions)}
-        values.update(shared, method=method, seed=seed, output_dir=output_dir, overwrite=True, progress=False)
+        values.update(shared, method=train_method(method), seed=seed, output_dir=output_dir, overwrite=True,
+                      progress=False)
         if lr is not None:
             values["learning_rate"] = lr
         if clip is not None:
             values["clip_min"], values["clip_max"] = clip
-        return cfgmod.build(TrainConfig, values, source="compare config: train")
+        source = f"compare config: train + variants.{variant_of(method)}" if variant_of(method) else \
+            "compare config: train"
+        return cfgmod.build(TrainConfig, values, source=source)
 
 
 def parse_clip(text: str) -> tuple[float, float]:
@@ -218,7 +256,7 @@ def cell_definition(cfg: CompareConfig, method: str, seed: int, setting: dict | 
         tcfg = cfg.train_config(model_method(method), seed, setting["lr"], (setting["clip_min"], setting["clip_max"]))
         skip = _NOT_DEFINING_TRAIN | set(shared) | _NOT_DEFINING_SHARED | (set() if uses_clip(method)
                                                                           else _CLIP_FIELDS)
-        skip |= {"threshold_margin"} if model_method(method) != "threshold" else set()
+        skip |= {"threshold_margin"} if train_method(method) != "threshold" else set()
         d["train"] = {"records_sha256": digests[TRAIN_RECORDS],
                       "config": {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in skip}}
     return d
@@ -380,6 +418,20 @@ def _jobs(cfg: CompareConfig, settings: list[dict], base_seeds: list[int]) -> li
     return jobs
 
 
+def _reusable(cfg, name: str, definition: dict) -> Path | None:
+    """The first cell of that name under a reuse_cells_from folder that was computed with exactly this
+    cell's settings (same hash); a cell of another experiment there is not an error, just not ours."""
+    for folder in cfg.reuse_cells_from:
+        cand = Path(folder) / "cells" / name
+        if cand.exists():
+            try:
+                read_cell(cand, definition, cfg)
+            except UserError:
+                continue
+            return cand
+    return None
+
+
 def _plan(cfg, jobs, eval_sets, digests, out: Path) -> list[dict]:
     """Per job: its cells (eval set, file, definition) and which are already finished. Every
     finished cell is checked against the current config here, before any training."""
@@ -392,9 +444,12 @@ def _plan(cfg, jobs, eval_sets, digests, out: Path) -> list[dict]:
             for es in eval_sets:
                 path = out / "cells" / f"{cell_key(arm, s, st or {}, es['name'], st is not None)}.json"
                 definition = cell_definition(cfg, arm, s, st, es, digests)
+                reuse = None
                 if path.exists():
                     read_cell(path, definition, cfg)
-                cells.append({"arm": arm, "es": es, "path": path, "definition": definition})
+                else:
+                    reuse = _reusable(cfg, path.name, definition)
+                cells.append({"arm": arm, "es": es, "path": path, "definition": definition, "reuse": reuse})
         plan.append({"method": m, "seed": s, "setting": st, "cells": cells})
     return plan
 
@@ -407,7 +462,7 @@ def _generate(model, tok, recs, es: dict, cfg: CompareConfig, arm: str, seed: in
 
     stats, info = EncodeStats(), []
     texts = generate_for(model, tok, recs, es["task"], cfg, arm_decoding(cfg, arm),
-                         use_profile=(model_method(arm) != "base_noprofile"), seed=seed, progress=cfg.progress,
+                         use_profile=(train_method(arm) != "base_noprofile"), seed=seed, progress=cfg.progress,
                          stats=stats, info=info)
     return texts, stats.counts(), info
 
@@ -491,14 +546,14 @@ def run(cfg: CompareConfig) -> dict:
     out = Path(cfg.output_dir)
     # Everything that can fail on the user's input fails here, before any training.
     train_records = load_records(cfg.data, get_task(cfg.task), limit=cfg.limit) \
-        if any(model_method(m) in TRAINED_METHODS for m in cfg.methods) else []
+        if any(train_method(m) in TRAINED_METHODS for m in cfg.methods) else []
     eval_sets = cfg.eval_sets_resolved()
     eval_records = {es["name"]: load_records(es["data"], get_task(es["task"]), limit=es["limit"])
                     for es in eval_sets}
     settings = cfg.settings()
     for s in settings:
         for m in cfg.methods:
-            if model_method(m) in TRAINED_METHODS:
+            if train_method(m) in TRAINED_METHODS:
                 cfg.train_config(model_method(m), cfg.seeds[0], s["lr"], (s["clip_min"], s["clip_max"]))
     if REFERENCE not in cfg.methods:
         raise UserError(f"methods must include {REFERENCE!r}: every difference is taken against it")
@@ -507,6 +562,8 @@ def run(cfg: CompareConfig) -> dict:
     digests = record_digests(train_records, eval_records)
     plan = _plan(cfg, _jobs(cfg, settings, base_seeds), eval_sets, digests, out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
+    for c in (c for job in plan for c in job["cells"] if c["reuse"] is not None):
+        write_text_atomic(c["path"], c["reuse"].read_text())   # same settings hash: the same cell
     write_text_atomic(out / "compare_config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
     device = default_device()
     todo_any = not cfg.summarize_only and any(not c["path"].exists() for job in plan for c in job["cells"])

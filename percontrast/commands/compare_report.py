@@ -40,19 +40,35 @@ DEGENERATION_METRICS = ("hit_cap", "loop")
 _UNSCALED = set(LIKELIHOOD_METRICS)
 
 
+# An arm "X@name" is trained method X with compare's variants[name] (TrainConfig overrides, e.g.
+# normalize: weights) on top of the shared train: block: an ablation arm in the same table.
+VARIANT_SEP = "@"
+
+
 def model_method(arm: str) -> str:
-    """The method whose model an arm decodes with: "perce+contrast" -> "perce"."""
+    """The model an arm decodes with: "perce+contrast" -> "perce", "perce@norm+contrast" -> "perce@norm"."""
     return arm[: -len(CONTRAST_SUFFIX)] if arm.endswith(CONTRAST_SUFFIX) else arm
+
+
+def train_method(arm: str) -> str:
+    """The loss an arm's model is trained with: "perce@norm+contrast" -> "perce"."""
+    return model_method(arm).split(VARIANT_SEP, 1)[0]
+
+
+def variant_of(arm: str) -> str | None:
+    """The variant name of an arm ("perce@norm" -> "norm"), None for a plain method."""
+    parts = model_method(arm).split(VARIANT_SEP, 1)
+    return parts[1] if len(parts) == 2 else None
 
 
 def uses_clip(method: str) -> bool:
     """Methods whose token weights are clipped to [m, M]; ce ignores the clip grid."""
-    method = model_method(method)
+    method = train_method(method)
     return method in TRAINED_METHODS and method != "ce"
 
 
 def is_base(arm: str) -> bool:
-    return model_method(arm) in BASE_METHODS
+    return train_method(arm) in BASE_METHODS
 
 
 def report_metrics(cfg) -> list[str]:
