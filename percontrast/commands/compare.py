@@ -39,7 +39,7 @@ from ..errors import UserError
 from ..files import write_text_atomic
 from ..metrics import DEFAULT_METRICS, check_metrics
 from ..options import DecodingOptions, ModelDataOptions
-from .compare_report import (ALL_METHODS, BASE_METHODS, CONTRAST_ARMS, CONTRAST_SUFFIX, REFERENCE, TRAINED_METHODS,
+from .compare_report import (ALL_METHODS, BASE_METHODS, CONTRAST_SUFFIX, REFERENCE, TRAINED_METHODS,
                              VARIANT_SEP, is_base, model_method, plot, plot_curves, render_markdown, report_metrics,
                              summarize, train_method, uses_clip, variant_of)
 
@@ -53,7 +53,8 @@ class CompareConfig(ModelDataOptions, DecodingOptions):
     methods: list[str] = field(default_factory=lambda: list(ALL_METHODS),
                                help="Methods to compare: " + ", ".join(ALL_METHODS) + "; X+contrast (e.g. "
                                "perce+contrast, base_profile+contrast): X's model decoded with profile-contrastive "
-                               "decoding at --contrast-arm-alpha, a separate arm on the same trained model.")
+                               "decoding at --contrast-arm-alpha, a separate arm on the same trained model; "
+                               "X@NAME: trained method X with the TrainConfig overrides of variants[NAME].")
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], help="Training seeds.")
     variants: dict = field(default_factory=dict, help="YAML: named training variants, e.g. {norm: {normalize: "
                            "weights}, every4: {refresh: every_k, refresh_every: 4}}: TrainConfig overrides on top of "

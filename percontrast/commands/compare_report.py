@@ -30,7 +30,6 @@ REFERENCE = "ce"
 # An arm "X+contrast" is method X's model decoded with profile-contrastive decoding
 # (compare's contrast_arm_alpha); base_noprofile has no profile to contrast.
 CONTRAST_SUFFIX = "+contrast"
-CONTRAST_ARMS = tuple(m + CONTRAST_SUFFIX for m in ALL_METHODS if m != "base_noprofile")
 
 # Metrics beside ROUGE/METEOR, from compare's own measurements. Shares are shown x100 like the
 # overlap metrics; NLL and PIR are in nats, lower NLL is better.
