@@ -528,3 +528,30 @@ def test_reuse_cells_from_copies_only_cells_with_the_same_settings(tmp_path, fak
     C.run(_cfg(tmp_path, seeds=[0], max_new_tokens=2, output_dir=str(tmp_path / "abl2"),
                reuse_cells_from=[str(tmp_path / "main")]))
     assert sorted(fake_training) == sorted([("ce", 0, 2e-5, 0.8), ("perce", 0, 2e-5, 0.8)])
+
+
+def test_study_pairs_script_agrees_with_compare(tmp_path, fake_training):
+    """scripts/study_pairs.py pairs arms as compare does: its perce - ce row is compare's vs_ce for perce,
+    and ce - base_profile is compare's base_profile - ce negated (the once-run untrained arm stands for
+    every ce seed)."""
+    import importlib.util
+    from pathlib import Path
+    cfg = _cfg(tmp_path, methods=["base_profile", "ce", "perce"], seeds=[0, 1])
+    C.run(cfg)
+    out = tmp_path / "cmp"
+    spec = importlib.util.spec_from_file_location(
+        "study_pairs", Path(__file__).resolve().parent.parent / "scripts" / "study_pairs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main([str(out), "--resamples", "200", "--pairs", "perce - ce", "ce - base_profile", "nope - ce"])
+    got = {r["pair"]: r for r in json.loads((out / "pairs.json").read_text())["rows"]}
+    assert set(got) == {"perce - ce", "ce - base_profile"}     # a pair without cells is skipped
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["groups"][0]["rows"]}
+    for m in ["rougeL", "meteor"]:
+        want = rows["perce"]["vs_ce"][m]["two_level"]
+        assert got["perce - ce"]["metrics"][m] == {k: want[k] for k in ("diff", "lo", "hi")}
+        base = rows["base_profile"]["vs_ce"][m]["two_level"]
+        mine = got["ce - base_profile"]["metrics"][m]
+        assert mine["diff"] == -base["diff"]   # a - b is exactly -(b - a) in floating point
+    assert got["ce - base_profile"]["seeds"] == [0, 1]
+    assert "| perce - ce | 0, 1 |" in (out / "pairs.md").read_text()
