@@ -6,9 +6,11 @@ hit-the-cap and loop shares).
     OMP_NUM_THREADS=2 .venv/bin/python scripts/study_decoding.py \
         --data data/email-short/val.jsonl --limit 48 --task email --out results/study/email-decoding
 
-Variants: no_repeat_ngram_size 0 and 3 (plain greedy), then profile-contrastive decoding at
-alpha 0.5, 1, 2 (with the n-gram setting given by --contrast-ngram) and alpha 1 against another
-user's profile (swap). Writes results.json and results.md into --out.
+Variants: no_repeat_ngram_size 0 and 3 (plain greedy), then profile-contrastive decoding at each
+of --alphas (default 0.5, 1, 2; with the n-gram setting given by --contrast-ngram) and alpha 1
+against another user's profile (swap; --no-swap skips it). Writes results.json, results.md and
+alpha_curve.png into --out. --resume keeps the rows already there and runs only the missing
+variants (the study's grid: --alphas 0.25 0.5 1 2 --resume); --summarize-only redraws from results.json.
 """
 from __future__ import annotations
 
@@ -38,7 +40,10 @@ def main(argv=None) -> None:
                          "the variants it lacks.")
     a = ap.parse_args(argv)
     if a.summarize_only:
-        write(json.loads((Path(a.out) / "results.json").read_text()), Path(a.out))
+        src = Path(a.out) / "results.json"
+        if not src.exists():
+            raise SystemExit(f"{src}: not found; --summarize-only rebuilds the table and plot of an earlier run")
+        write(json.loads(src.read_text()), Path(a.out))
         return
 
     from percontrast.attribution import attribution_share, fit_attributor, gold_ceiling
@@ -66,10 +71,12 @@ def main(argv=None) -> None:
     if a.resume and old.exists():
         prev = json.loads(old.read_text())
         cfg = prev["run"]["config"]
-        if (cfg["data"], prev["n"], prev["model"], cfg["max_length"]) != (a.data, len(recs), a.model, a.max_length):
-            raise SystemExit(f"{old}: made for {cfg['data']} ({prev['n']} records, {prev['model']}, max_length "
-                             f"{cfg['max_length']}), not {a.data} ({len(recs)}, {a.model}, {a.max_length}); "
-                             f"drop --resume or choose another --out")
+        # results written before max_new_tokens was recorded were all made with the default, 48
+        then = (cfg["data"], prev["n"], prev["model"], cfg["max_length"], prev.get("max_new_tokens", 48))
+        now = (a.data, len(recs), a.model, a.max_length, a.max_new_tokens)
+        if then != now:
+            raise SystemExit(f"{old}: made for (data, records, model, max_length, max_new_tokens) {then}, not "
+                             f"{now}; drop --resume or choose another --out")
         rows = prev["rows"]
         earlier = [*prev.get("earlier_runs", []), prev["run"]]
     done = {r["variant"] for r in rows}
@@ -94,7 +101,7 @@ def main(argv=None) -> None:
                              r["decoding"].get("contrast_alpha", 0), r["decoding"].get("no_repeat_ngram_size", 0)))
     gold = gold_ceiling(att, recs)
     label = a.data if a.limit is None else f"{a.data} (first {a.limit})"
-    res = {"data": label, "n": len(recs), "model": a.model, "rows": rows,
+    res = {"data": label, "n": len(recs), "model": a.model, "max_new_tokens": a.max_new_tokens, "rows": rows,
            "attribution": {"chance": gold["chance"], "ceiling": gold["share"]}, "run": run_info(opts)}
     if earlier:
         res["earlier_runs"] = earlier
@@ -130,13 +137,11 @@ def write(res: dict, out: Path) -> None:
 def plot_alpha(res: dict, path: Path) -> None:
     """The alpha curve: each metric against alpha, no-profile contrast (alpha 0 = plain greedy with the same
     n-gram ban); the swap variant and chance / gold attribution as markers and lines."""
-    import io
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from percontrast.files import write_bytes_atomic
+    from percontrast.commands.compare_report import save_figure
 
     def ngram(r):
         return r["decoding"].get("no_repeat_ngram_size", 0)
@@ -163,11 +168,7 @@ def plot_alpha(res: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7)
     fig.suptitle(f"{res['data']}, {res['n']} examples, untrained {res['model']} (no-repeat {n})", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ mean difference with a 95% bootstrap interval over seeds, then examples (10,000 
 
     .venv/bin/python scripts/study_pairs.py results/study/email-main
 
-Writes pairs.md and pairs.json into that folder; pairs whose arms have no cells are skipped.
+Writes pairs.md (with a per-seed table: overlap scores and mean generated tokens) and pairs.json into
+that folder; pairs whose arms have no cells are skipped.
 """
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ def main(argv=None) -> None:
     from percontrast.commands.compare_report import _LABEL, is_base, pair_by_seed, vs_reference
 
     run = Path(a.run_dir)
+    if not (run / "results.json").exists():
+        raise SystemExit(f"{run / 'results.json'}: not found; give the output_dir of a finished compare run")
+    bad = [p for p in a.pairs if len(p.split(" - ")) != 2]
+    if bad:
+        raise SystemExit(f"--pairs: {bad[0]!r} is not of the form 'A - B' (spaces around the minus)")
     res = json.loads((run / "results.json").read_text())
     metrics = res["metrics"]
     arms: dict[str, list[dict]] = {}
@@ -75,6 +81,16 @@ def main(argv=None) -> None:
             else:
                 cells.append(f"{fmt.format(k * d['diff'])} [{fmt.format(k * d['lo'])}, {fmt.format(k * d['hi'])}]")
         lines.append(f"| {r['pair']} | {', '.join(map(str, r['seeds'])) or '—'} | " + " | ".join(cells) + " |")
+    # per seed: how much seeds disagree, and how long the outputs are (short outputs cost ROUGE recall)
+    lines += ["", "Per seed (x100; new tokens: mean generated tokens per mail, the cap is max_new_tokens):", "",
+              "| arm | seed | ROUGE-1 | ROUGE-L | METEOR | mean new tokens |", "|---|---|---|---|---|---|"]
+    for arm, cells in arms.items():
+        for c in cells:
+            toks = [e.get("new_tokens") for e in c["examples"]]
+            mean_toks = f"{sum(toks) / len(toks):.1f}" if toks and None not in toks else "—"
+            m = c["metrics"]
+            lines.append(f"| {arm} | {c['seed']} | " + " | ".join(
+                f"{100 * m[k]:.2f}" if k in m else "—" for k in ("rouge1", "rougeL", "meteor")) + f" | {mean_toks} |")
     (run / "pairs.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -90,18 +90,22 @@ def _cfg(tmp_path, **kw):
     return C.CompareConfig(**base)
 
 
+def _fake_trainer(record):
+    """A train_model that hands each TrainConfig to ``record`` and returns the untrained tiny model."""
+    def fake(tcfg, records):
+        from percontrast.models import load_model
+        record(tcfg)
+        model, tok = load_model("tiny-random")
+        return model, tok, {"steps": 0, "train_s": 0.0}
+    return fake
+
+
 @pytest.fixture
 def fake_training(monkeypatch):
     """Replace training by loading the untrained tiny model; count the calls."""
     calls = []
-
-    def fake(tcfg, records):
-        from percontrast.models import load_model
-        calls.append((tcfg.method, tcfg.seed, tcfg.learning_rate, tcfg.clip_min))
-        model, tok = load_model("tiny-random")
-        return model, tok, {"steps": 0, "train_s": 0.0}
-
-    monkeypatch.setattr(C, "train_model", fake)
+    monkeypatch.setattr(C, "train_model",
+                        _fake_trainer(lambda t: calls.append((t.method, t.seed, t.learning_rate, t.clip_min))))
     return calls
 
 
@@ -474,15 +478,9 @@ def test_method_seeds_run_fewer_seeds_for_named_arms(tmp_path, fake_training):
 def test_variants_are_arms_with_train_overrides(tmp_path, monkeypatch):
     """perce@norm trains perce with variants.norm on top of train:, is its own cell and row, and pairs with ce;
     its settings hash differs from perce's (so neither cell can stand in for the other)."""
-    from percontrast.models import load_model
     seen = []
-
-    def fake(tcfg, records):
-        seen.append((tcfg.method, tcfg.normalize, tcfg.refresh, tcfg.max_steps))
-        model, tok = load_model("tiny-random")
-        return model, tok, {"steps": 0, "train_s": 0.0}
-
-    monkeypatch.setattr(C, "train_model", fake)
+    monkeypatch.setattr(C, "train_model",
+                        _fake_trainer(lambda t: seen.append((t.method, t.normalize, t.refresh, t.max_steps))))
     cfg = _cfg(tmp_path, seeds=[0], methods=["ce", "perce", "perce@norm", "perce@k2+contrast"],
                variants={"norm": {"normalize": "weights"}, "k2": {"refresh": "every_k", "refresh_every": 2}})
     C.run(cfg)

@@ -150,7 +150,7 @@ class CompareConfig(ModelDataOptions, DecodingOptions):
                 raise UserError(f"variants: name {name!r} must be letters, digits, _ . or -")
             if not isinstance(over, dict) or not over:
                 raise UserError(f"variants.{name}: give a mapping of TrainConfig fields, e.g. {{normalize: weights}}")
-            bad = sorted(set(over) - known) + sorted(set(over) & {"clip_min", "clip_max", "learning_rate"})
+            bad = sorted(set(over) - known)   # known excludes compare's own fields: lr, clip, seed, method ...
             if bad:
                 raise UserError(f"variants.{name}: keys {bad} cannot be set by a variant (unknown, or set per "
                                 "grid point: learning_rates / clips)")
@@ -191,7 +191,7 @@ class CompareConfig(ModelDataOptions, DecodingOptions):
         if owned:
             raise UserError(f"train: keys {owned} are set by compare itself (top level / per cell)")
         values = dict(self.train)
-        values.update(self.variants.get(variant_of(method), {}) if variant_of(method) else {})
+        values.update(self.variants.get(variant_of(method), {}))   # None (a plain method) names no variant
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelDataOptions)}
         values.update(shared, method=train_method(method), seed=seed, output_dir=output_dir, overwrite=True,
                       progress=False)

@@ -225,6 +225,17 @@ def learning_curves(cells: list[dict]) -> dict:
     return out
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write as PNG atomically (a reader never sees half a file), and free the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+
+
 def plot_curves(curves: dict, path: Path, title: str) -> None:
     """val NLL vs step, one colour per method (all seeds drawn, thin)."""
     import matplotlib
@@ -242,11 +253,7 @@ def plot_curves(curves: dict, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- markdown and plot
@@ -414,8 +421,4 @@ def plot(res: dict, path: Path) -> None:
         if len(lrs) > 1:
             axes[i][-1].legend(fontsize=7)
     fig.suptitle(f"{res['model']} / {res['task']}: mean over seeds, 95% t-interval", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    save_figure(fig, path)
