@@ -553,3 +553,47 @@ def test_study_pairs_script_agrees_with_compare(tmp_path, fake_training):
         assert mine["diff"] == -base["diff"]   # a - b is exactly -(b - a) in floating point
     assert got["ce - base_profile"]["seeds"] == [0, 1]
     assert "| perce - ce | 0, 1 |" in (out / "pairs.md").read_text()
+
+
+def test_study_decoding_trains_the_compare_cell_then_decodes(tmp_path, monkeypatch):
+    """scripts/study_decoding.py --train-from trains the arm with the TrainConfig compare builds for that
+    cell (variant overrides included), decodes with the config's model/k/max_length, and says which model
+    it decoded; --resume refuses rows made by another model; a bad arm is one line."""
+    import importlib.util
+
+    import yaml
+    from pathlib import Path
+    seen = []
+    monkeypatch.setattr(C, "train_model", _fake_trainer(seen.append))
+    spec = importlib.util.spec_from_file_location(
+        "study_decoding", Path(__file__).resolve().parent.parent / "scripts" / "study_decoding.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    conf = tmp_path / "cmp.yaml"
+    conf.write_text(yaml.safe_dump(dict(
+        model="tiny-random", data="builtin:sample-train", test_data="builtin:sample-test", task="email", k=1,
+        max_length=192, limit=8, methods=["ce", "perce", "perce@norm"], seeds=[0, 1],
+        variants={"norm": {"normalize": "weights"}}, train={"max_steps": 1, "learning_rate": 3e-4},
+        output_dir=str(tmp_path / "cmp"))))
+    out = tmp_path / "dec"
+    common = ["--data", "builtin:sample-test", "--task", "email", "--limit", "3", "--max-new-tokens", "2",
+              "--out", str(out), "--no-swap", "--no-plain", "--alphas", "0.5"]
+    mod.main(["--train-from", str(conf), "--arm", "perce@norm", "--seed", "1", *common])
+    (t,) = seen
+    assert (t.method, t.seed, t.normalize, t.learning_rate, t.max_steps) == ("perce", 1, "weights", 3e-4, 1)
+    res = json.loads((out / "results.json").read_text())
+    assert res["trained"]["arm"] == "perce@norm" and res["trained"]["seed"] == 1
+    assert res["run"]["config"]["max_length"] == 192     # from the compare config, not the script's default
+    assert [r["variant"] for r in res["rows"]] == ["greedy, no-repeat 3", "contrast alpha 0.5, no-repeat 3"]
+    assert "perce@norm seed 1" in (out / "results.md").read_text()
+    mod.main(["--curves", str(out), str(out), "--out", str(tmp_path / "fig")])   # one line per run
+    assert (tmp_path / "fig" / "alpha_curves.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="--curves: .* not found"):
+        mod.main(["--curves", str(tmp_path / "nope"), "--out", str(tmp_path / "fig")])
+    with pytest.raises(SystemExit, match=r"perce@norm seed 1 .*\), not .*'untrained'\)"):
+        # the same data, model and lengths: only the model's training differs
+        mod.main([*common, "--model", "tiny-random", "--max-length", "192", "--resume"])
+    with pytest.raises(SystemExit, match="--arm: give a trained arm"):
+        mod.main(["--train-from", str(conf), "--arm", "base_profile", *common])
+    with pytest.raises(SystemExit, match="methods has no arm 'lossce'"):
+        mod.main(["--train-from", str(conf), "--arm", "lossce", *common])
