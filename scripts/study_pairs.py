@@ -17,7 +17,10 @@ from pathlib import Path
 
 DEFAULT_PAIRS = ["ce - base_profile", "perce - base_profile", "perce - ce", "base_profile - base_noprofile",
                  "ce - base_noprofile", "base_profile+contrast - base_profile", "ce+contrast - ce",
-                 "perce+contrast - perce", "perce+contrast - ce+contrast", "ce+contrast - base_profile+contrast"]
+                 "perce+contrast - perce", "perce+contrast - ce+contrast", "ce+contrast - base_profile+contrast",
+                 # PerCE's ablations against PerCE itself and against ce; the other baselines against ce
+                 "perce@norm - perce", "perce@norm - ce", "perce@every4 - perce", "lossce - ce", "entce - ce",
+                 "jsd - ce", "threshold - ce"]
 SCALED = {"rouge1", "rouge2", "rougeL", "rougeLsum", "meteor", "attributed", "hit_cap", "loop"}
 
 
