@@ -88,8 +88,8 @@ def main(argv=None) -> None:
 
     trained = None
     if a.train_from is not None:
-        model, tok, trained, cfg = train_arm(a.train_from, a.arm, a.seed)
-        a.model, a.k, a.max_length = cfg.model, cfg.k, cfg.max_length   # decode as the study's cells do
+        model, tok, trained, study = train_arm(a.train_from, a.arm, a.seed)
+        a.model, a.k, a.max_length = study.model, study.k, study.max_length   # decode as the study's cells do
     elif a.arm is not None:
         raise SystemExit("--arm needs --train-from COMPARE_YAML (the config whose cell defines the model)")
     opts = ModelDataOptions(model=a.model, data=a.data, task=a.task, k=a.k, max_length=a.max_length)
@@ -156,6 +156,7 @@ def train_arm(path: str, arm: str | None, seed: int):
     from percontrast.commands.compare_report import model_method, train_method
     from percontrast.datasets import load_records
     from percontrast.errors import UserError
+    from percontrast.models import default_device
     from percontrast.prompts import get_task
 
     try:
@@ -164,14 +165,17 @@ def train_arm(path: str, arm: str | None, seed: int):
             raise UserError(f"--arm: give a trained arm of {path} (e.g. ce, perce, perce@norm), not {arm!r}")
         if arm not in cfg.methods:
             raise UserError(f"{path}: methods has no arm {arm!r}")
-        setting = cfg.settings()[0]   # the study's configs have one (lr, clip) setting
+        settings = cfg.settings()
+        if len(settings) != 1:
+            raise UserError(f"{path}: {len(settings)} (learning rate, clip) settings; --train-from needs a config "
+                            "with one (the study's main configs)")
+        (setting,) = settings
         tcfg = cfg.train_config(model_method(arm), seed, setting["lr"], (setting["clip_min"], setting["clip_max"]),
                                 output_dir=str(Path(cfg.output_dir) / "_train" / f"decoding_{arm}__seed{seed}"))
         records = load_records(cfg.data, get_task(cfg.task), limit=cfg.limit)
     except UserError as e:
         raise SystemExit(str(e)) from None
     model, tok, info = C.train_model(tcfg, records)
-    from percontrast.models import default_device
     model.to(default_device())
     trained = {"config": path, "arm": arm, "seed": seed, "lr": setting["lr"], "clip": [setting["clip_min"],
                setting["clip_max"]], "steps": info["steps"], "train_s": info["train_s"], "curve": info.get("curve")}

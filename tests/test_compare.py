@@ -597,3 +597,8 @@ def test_study_decoding_trains_the_compare_cell_then_decodes(tmp_path, monkeypat
         mod.main(["--train-from", str(conf), "--arm", "base_profile", *common])
     with pytest.raises(SystemExit, match="methods has no arm 'lossce'"):
         mod.main(["--train-from", str(conf), "--arm", "lossce", *common])
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(conf.read_text() + "learning_rates: [1.0e-4, 3.0e-4]\n")
+    with pytest.raises(SystemExit, match="2 \\(learning rate, clip\\) settings"):
+        mod.main(["--train-from", str(grid), "--arm", "ce", *common])
+    assert len(seen) == 1      # nothing trained for a refused arm or config
