@@ -33,6 +33,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
 
     from percontrast.commands.compare_report import _LABEL, is_base, pair_by_seed, vs_reference
+    from percontrast.files import write_text_atomic
 
     run = Path(a.run_dir)
     if not (run / "results.json").exists():
@@ -65,7 +66,7 @@ def main(argv=None) -> None:
             d, _ = vs_reference(ca, cb, m, a.resamples)
             row["metrics"][m] = None if d is None else {k: d["two_level"][k] for k in ("diff", "lo", "hi")}
         rows.append(row)
-    (run / "pairs.json").write_text(json.dumps({"eval_set": a.eval_set, "rows": rows}, indent=1))
+    write_text_atomic(run / "pairs.json", json.dumps({"eval_set": a.eval_set, "rows": rows}, indent=1))
     lines = [f"# Paired differences, {run} ({a.eval_set})", "",
              "Mean difference A - B over shared seeds and examples [95% bootstrap over seeds, then examples]; "
              "ROUGE/METEOR and shares x100, NLL in nats/token.", "",
@@ -94,7 +95,7 @@ def main(argv=None) -> None:
             m = c["metrics"]
             lines.append(f"| {arm} | {c['seed']} | " + " | ".join(
                 f"{100 * m[k]:.2f}" if k in m else "—" for k in ("rouge1", "rougeL", "meteor")) + f" | {mean_toks} |")
-    (run / "pairs.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(run / "pairs.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
