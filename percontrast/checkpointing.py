@@ -10,7 +10,10 @@ trainer state, in which case the Trainer silently restarts the step count at 0).
 ``<output_dir>/.checkpoint-staging/checkpoint-N``, fsyncs it, and only then renames it to
 ``<output_dir>/checkpoint-N`` (a rename within one file system is atomic), so at any
 instant every ``checkpoint-N`` is complete and a crash leaves the previous one usable.
-Older checkpoints are rotated only after the new one is in place. Besides what the
+Older checkpoints are rotated only after the new one is in place, and each is first renamed
+into the staging folder and deleted there: the stock rotation deletes ``checkpoint-N`` in
+place, file by file, and a kill in the middle left a visible checkpoint without its
+scheduler or optimizer. Besides what the
 Trainer saves (weights, optimizer, scheduler, RNG, step = data position), it stores the
 trainer's own state named in ``extra_state_attrs`` (PerCE's per-example PIR cache for
 ``--refresh every_k/once`` and the skipped-step counter) in ``percontrast_state.pt``.
@@ -45,6 +48,35 @@ def latest_checkpoint(out: str | Path) -> str | None:
     return str(ckpts[-1]) if ckpts else None
 
 
+def rotate_checkpoints(run_dir: str | Path, save_total_limit: int | None,
+                       best_model_checkpoint: str | None = None) -> list[Path]:
+    """Keep the newest ``save_total_limit`` checkpoints (and the best one), as
+    ``transformers.trainer_utils.rotate_checkpoints`` with step ordering does, but unpublish
+    each old one with a rename into the staging folder before deleting it, so a kill mid-way
+    never leaves an incomplete ``checkpoint-N`` in sight. Returns the checkpoints removed."""
+    run_dir = Path(run_dir)
+    if not save_total_limit or save_total_limit <= 0:
+        return []
+    ckpts = sorted((int(m.group(1)), p) for p in run_dir.iterdir()
+                   if p.is_dir() and (m := _CKPT.match(p.name)))
+    ckpts = [p for _, p in ckpts]
+    if len(ckpts) <= save_total_limit:
+        return []
+    protected = {ckpts[-1]}                          # the newest, for --resume
+    if best_model_checkpoint is not None:
+        protected.add(Path(best_model_checkpoint))
+    keep = max(save_total_limit, len(protected))
+    doomed = [p for p in ckpts if p not in protected][:len(ckpts) - keep]
+    trash = run_dir / STAGING
+    trash.mkdir(exist_ok=True)
+    for p in doomed:
+        gone = trash / f"rotated-{p.name}"
+        shutil.rmtree(gone, ignore_errors=True)
+        os.replace(p, gone)                          # atomic: the checkpoint is gone from sight at once
+        shutil.rmtree(gone, ignore_errors=True)
+    return doomed
+
+
 class AtomicCheckpointMixin:
     """Mix in before ``transformers.Trainer``: ``class T(AtomicCheckpointMixin, Trainer)``."""
 
@@ -59,8 +91,6 @@ class AtomicCheckpointMixin:
         return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial):
-        from transformers.trainer_utils import rotate_checkpoints
-
         run_dir = Path(super()._get_output_dir(trial))
         staging = run_dir / STAGING
         name = f"checkpoint-{self.state.global_step}"
@@ -81,12 +111,11 @@ class AtomicCheckpointMixin:
         if self.args.should_save:
             # the same step saved again (e.g. after a resume) replaces the old folder
             publish_dir(staging / name, run_dir / name, replace=True, fsync=True)
-            shutil.rmtree(staging, ignore_errors=True)
             if self.state.best_model_checkpoint and STAGING in self.state.best_model_checkpoint:
                 self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
                     os.sep + STAGING, "")
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
+            shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
     def _load_optimizer_and_scheduler(self, checkpoint):

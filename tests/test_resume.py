@@ -139,6 +139,63 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(data, reference
     _assert_same_run(out, reference)
 
 
+def _fake_checkpoints(run: Path, steps):
+    for n in steps:
+        ck = run / f"checkpoint-{n}"
+        ck.mkdir(parents=True)
+        for f in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
+                  "percontrast_state.pt"):
+            (ck / f).write_text(f)
+
+
+def test_rotation_killed_mid_delete_leaves_no_incomplete_checkpoint(tmp_path, monkeypatch):
+    """The stock rotation deletes checkpoint-N file by file in place; a SIGKILL in the middle (found
+    by the test above in CI: 'checkpoint-2 lacks scheduler.pt') left a visible, incomplete checkpoint.
+    Ours renames it out of sight first. Here the delete dies after its first file."""
+    import shutil as _shutil
+    from percontrast import checkpointing
+
+    run = tmp_path / "run"
+    _fake_checkpoints(run, [2, 3, 4])
+    real = _shutil.rmtree
+
+    def dies_after_one_file(path, *a, **k):
+        path = Path(path)
+        if path.is_dir() and any(path.iterdir()):
+            next(path.iterdir()).unlink()
+            raise KeyboardInterrupt("killed mid-delete (simulated)")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", dies_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.rotate_checkpoints(run, 2)
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", real)
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    for ck in run.glob("checkpoint-*"):
+        _checkpoint_is_complete(ck)
+
+
+@pytest.mark.parametrize("steps,limit,best", [
+    ([1, 2, 3, 4], 2, None), ([1, 2, 3, 4], 2, 1), ([1, 2, 3], 1, 2), ([1, 2, 3], 1, 3), ([5, 10, 40, 100], 3, None),
+    ([1, 2], 2, None), ([1, 2, 3], None, None), ([1, 2, 3], 0, None), ([3, 1, 2, 20], 1, None)])
+def test_rotation_keeps_what_the_stock_rotation_keeps(tmp_path, steps, limit, best):
+    from transformers.trainer_utils import rotate_checkpoints as stock
+    from percontrast.checkpointing import rotate_checkpoints as ours
+
+    kept = {}
+    for name, fn in (("stock", stock), ("ours", ours)):
+        run = tmp_path / name
+        _fake_checkpoints(run, steps)
+        b = str(run / f"checkpoint-{best}") if best is not None else None
+        if name == "stock":
+            fn(str(run), save_total_limit=limit, best_model_checkpoint=b, use_mtime=False)
+        else:
+            fn(run, limit, b)
+        kept[name] = sorted(p.name for p in run.glob("checkpoint-*"))
+    assert kept["ours"] == kept["stock"]
+    assert not any((tmp_path / "ours" / ".checkpoint-staging").glob("rotated-*"))
+
+
 def test_resume_skips_an_incomplete_checkpoint_folder(data, tmp_path):
     """A checkpoint-N without trainer_state.json (e.g. written by another tool) is never resumed from."""
     from percontrast.checkpointing import latest_checkpoint
