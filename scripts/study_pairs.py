@@ -7,7 +7,8 @@ mean difference with a 95% bootstrap interval over seeds, then examples (10,000 
     .venv/bin/python scripts/study_pairs.py results/study/email-main
 
 Writes pairs.md (with a per-seed table: overlap scores and mean generated tokens) and pairs.json into
-that folder; pairs whose arms have no cells are skipped.
+that folder; pairs whose arms have no cells are skipped. A method that the run trained at several clips
+is one arm per clip, named with it: ``perce[0:5]``, ``perce[0.8:5]``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ DEFAULT_PAIRS = ["ce - base_profile", "perce - base_profile", "perce - ce", "bas
                  "perce+contrast - perce", "perce+contrast - ce+contrast", "ce+contrast - base_profile+contrast",
                  # PerCE's ablations against PerCE itself and against ce; the other baselines against ce
                  "perce@norm - perce", "perce@norm - ce", "perce@every4 - perce", "lossce - ce", "entce - ce",
-                 "jsd - ce", "threshold - ce"]
+                 "jsd - ce", "threshold - ce",
+                 # a clip ablation (email-clip.yaml): a method run at several clips is named "perce[0:5]" etc.
+                 "perce[0:5] - perce[0.8:5]", "perce[1:5] - perce[0.8:5]", "perce[0:5] - ce", "perce[1:5] - ce",
+                 "perce[0.8:5] - ce"]
 SCALED = {"rouge1", "rouge2", "rougeL", "rougeLsum", "meteor", "attributed", "hit_cap", "loop"}
 
 
@@ -43,11 +47,18 @@ def main(argv=None) -> None:
         raise SystemExit(f"--pairs: {bad[0]!r} is not of the form 'A - B' (spaces around the minus)")
     res = json.loads((run / "results.json").read_text())
     metrics = res["metrics"]
+    cells = [c for p in sorted((run / "cells").glob("*.json"))
+             if (c := json.loads(p.read_text()))["eval_set"] == a.eval_set]
+    clips: dict[str, set] = {}
+    for c in cells:
+        if c.get("clip_min") is not None:
+            clips.setdefault(c["method"], set()).add((c["clip_min"], c["clip_max"]))
     arms: dict[str, list[dict]] = {}
-    for p in sorted((run / "cells").glob("*.json")):
-        c = json.loads(p.read_text())
-        if c["eval_set"] == a.eval_set:
-            arms.setdefault(c["method"], []).append(c)
+    for c in cells:   # a method run at several clips is one arm per clip: "perce[0.8:5]"
+        name = c["method"]
+        if len(clips.get(name, ())) > 1:
+            name += f"[{c['clip_min']:g}:{c['clip_max']:g}]"
+        arms.setdefault(name, []).append(c)
     for v in arms.values():
         v.sort(key=lambda c: c["seed"])
     deterministic = not res["decoding"].get("do_sample")

@@ -555,6 +555,28 @@ def test_study_pairs_script_agrees_with_compare(tmp_path, fake_training):
     assert "| perce - ce | 0, 1 |" in (out / "pairs.md").read_text()
 
 
+def test_study_pairs_names_one_arm_per_clip(tmp_path, fake_training):
+    """A clip ablation: perce at two clips is two arms, "perce[0.8:5]" and "perce[1:5]"; each one's
+    difference to ce is compare's vs_ce at that clip, and they are paired with each other."""
+    import importlib.util
+    from pathlib import Path
+    C.run(_cfg(tmp_path, seeds=[0, 1], clips=["0.8:5", "1:5"]))
+    out = tmp_path / "cmp"
+    spec = importlib.util.spec_from_file_location(
+        "study_pairs", Path(__file__).resolve().parent.parent / "scripts" / "study_pairs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main([str(out), "--resamples", "200", "--pairs", "perce[1:5] - ce", "perce[1:5] - perce[0.8:5]",
+              "perce - ce"])
+    got = {r["pair"]: r for r in json.loads((out / "pairs.json").read_text())["rows"]}
+    assert set(got) == {"perce[1:5] - ce", "perce[1:5] - perce[0.8:5]"}   # no arm is plain "perce" here
+    groups = json.loads((out / "results.json").read_text())["groups"]
+    g = next(g for g in groups if g["clip_min"] == 1.0)
+    want = next(r for r in g["rows"] if r["method"] == "perce")["vs_ce"]["rougeL"]["two_level"]
+    assert got["perce[1:5] - ce"]["metrics"]["rougeL"] == {k: want[k] for k in ("diff", "lo", "hi")}
+    assert got["perce[1:5] - perce[0.8:5]"]["seeds"] == [0, 1]
+
+
 def test_study_decoding_trains_the_compare_cell_then_decodes(tmp_path, monkeypatch):
     """scripts/study_decoding.py --train-from trains the arm with the TrainConfig compare builds for that
     cell (variant overrides included), decodes with the config's model/k/max_length, and says which model
