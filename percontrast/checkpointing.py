@@ -33,14 +33,20 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "trainer_state.json"   # the Trainer writes it last
 
 
-def complete_checkpoints(out: str | Path) -> list[Path]:
-    """``checkpoint-N`` folders of a run that hold a trainer state, oldest first."""
+def _checkpoint_dirs(out: str | Path, complete_only: bool) -> list[Path]:
+    """``checkpoint-N`` folders of a run, oldest first by step (not by name: 10 after 9)."""
     out = Path(out)
     if not out.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in out.iterdir()
-             if p.is_dir() and (m := _CKPT.match(p.name)) and (p / COMPLETE_MARKER).is_file()]
+             if p.is_dir() and (m := _CKPT.match(p.name))
+             and (not complete_only or (p / COMPLETE_MARKER).is_file())]
     return [p for _, p in sorted(found)]
+
+
+def complete_checkpoints(out: str | Path) -> list[Path]:
+    """``checkpoint-N`` folders of a run that hold a trainer state, oldest first."""
+    return _checkpoint_dirs(out, complete_only=True)
 
 
 def latest_checkpoint(out: str | Path) -> str | None:
@@ -57,9 +63,7 @@ def rotate_checkpoints(run_dir: str | Path, save_total_limit: int | None,
     run_dir = Path(run_dir)
     if not save_total_limit or save_total_limit <= 0:
         return []
-    ckpts = sorted((int(m.group(1)), p) for p in run_dir.iterdir()
-                   if p.is_dir() and (m := _CKPT.match(p.name)))
-    ckpts = [p for _, p in ckpts]
+    ckpts = _checkpoint_dirs(run_dir, complete_only=False)   # as transformers: every checkpoint-N
     if len(ckpts) <= save_total_limit:
         return []
     protected = {ckpts[-1]}                          # the newest, for --resume

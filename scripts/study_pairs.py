@@ -21,7 +21,7 @@ DEFAULT_PAIRS = ["ce - base_profile", "perce - base_profile", "perce - ce", "bas
                  "perce+contrast - perce", "perce+contrast - ce+contrast", "ce+contrast - base_profile+contrast",
                  # PerCE's ablations against PerCE itself and against ce; the other baselines against ce
                  "perce@norm - perce", "perce@norm - ce", "perce@every4 - perce", "lossce - ce", "entce - ce",
-                 "jsd - ce", "threshold - ce",
+                 "jsd - ce", "threshold - ce", "jsd - perce", "threshold - perce",
                  # a clip ablation (email-clip.yaml): a method run at several clips is named "perce[0:5]" etc.
                  "perce[0:5] - perce[0.8:5]", "perce[1:5] - perce[0.8:5]", "perce[0:5] - ce", "perce[1:5] - ce",
                  "perce[0.8:5] - ce"]
@@ -97,7 +97,7 @@ def main(argv=None) -> None:
                 cells.append(f"{fmt.format(k * d['diff'])} [{fmt.format(k * d['lo'])}, {fmt.format(k * d['hi'])}]")
         lines.append(f"| {r['pair']} | {', '.join(map(str, r['seeds'])) or '—'} | " + " | ".join(cells) + " |")
     # per seed: how much seeds disagree, and how long the outputs are (short outputs cost ROUGE recall)
-    lines += ["", "Per seed (x100; new tokens: mean generated tokens per mail, the cap is max_new_tokens):", "",
+    lines += ["", "Per seed (x100; new tokens: mean generated tokens per example, the cap is max_new_tokens):", "",
               "| arm | seed | ROUGE-1 | ROUGE-L | METEOR | mean new tokens |", "|---|---|---|---|---|---|"]
     for arm, cells in arms.items():
         for c in cells:
