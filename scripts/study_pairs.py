@@ -6,7 +6,8 @@ mean difference with a 95% bootstrap interval over seeds, then examples (10,000 
 
     .venv/bin/python scripts/study_pairs.py results/study/email-main
 
-Writes pairs.md (with a per-seed table: overlap scores and mean generated tokens) and pairs.json into
+Writes pairs.md (with a per-seed table: overlap scores and mean generated tokens, or the likelihood
+metrics of a run without generations) and pairs.json into
 that folder; pairs whose arms have no cells are skipped. A method that the run trained at several clips
 is one arm per clip, named with it: ``perce[0:5]``, ``perce[0.8:5]``.
 """
@@ -96,16 +97,21 @@ def main(argv=None) -> None:
             else:
                 cells.append(f"{fmt.format(k * d['diff'])} [{fmt.format(k * d['lo'])}, {fmt.format(k * d['hi'])}]")
         lines.append(f"| {r['pair']} | {', '.join(map(str, r['seeds'])) or '—'} | " + " | ".join(cells) + " |")
-    # per seed: how much seeds disagree, and how long the outputs are (short outputs cost ROUGE recall)
-    lines += ["", "Per seed (x100; new tokens: mean generated tokens per example, the cap is max_new_tokens):", "",
-              "| arm | seed | ROUGE-1 | ROUGE-L | METEOR | mean new tokens |", "|---|---|---|---|---|---|"]
+    # per seed: how much seeds disagree, and how long the outputs are (short outputs cost ROUGE recall);
+    # a likelihood-only run (generate: false) has no overlap scores, so it shows its likelihood metrics
+    per_seed = ([m for m in ("rouge1", "rougeL", "meteor") if m in metrics]
+                or [m for m in ("nll", "nll_personal", "nll_other", "mean_pir") if m in metrics])
+    lines += ["", "Per seed (ROUGE/METEOR x100; new tokens: mean generated tokens per example, the cap is "
+              "max_new_tokens):", "",
+              "| arm | seed | " + " | ".join(_LABEL.get(m, m) for m in per_seed) + " | mean new tokens |",
+              "|" + "---|" * (len(per_seed) + 3)]
     for arm, cells in arms.items():
         for c in cells:
             toks = [e.get("new_tokens") for e in c["examples"]]
             mean_toks = f"{sum(toks) / len(toks):.1f}" if toks and None not in toks else "—"
             m = c["metrics"]
-            lines.append(f"| {arm} | {c['seed']} | " + " | ".join(
-                f"{100 * m[k]:.2f}" if k in m else "—" for k in ("rouge1", "rougeL", "meteor")) + f" | {mean_toks} |")
+            vals = [("—" if k not in m else f"{100 * m[k]:.2f}" if k in SCALED else f"{m[k]:.3f}") for k in per_seed]
+            lines.append(f"| {arm} | {c['seed']} | " + " | ".join(vals) + f" | {mean_toks} |")
     write_text_atomic(run / "pairs.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -555,6 +555,26 @@ def test_study_pairs_script_agrees_with_compare(tmp_path, fake_training):
     assert "| perce - ce | 0, 1 |" in (out / "pairs.md").read_text()
 
 
+def test_study_pairs_per_seed_table_of_a_likelihood_only_run(tmp_path, fake_training):
+    """A run without generations (generate: false) has no ROUGE: pairs.md's per-seed table shows each
+    cell's likelihood metrics instead of a column of dashes."""
+    import importlib.util
+    from pathlib import Path
+    cfg = _cfg(tmp_path, generate=False, likelihood=True, methods=["ce", "perce"], seeds=[0, 1])
+    C.run(cfg)
+    out = tmp_path / "cmp"
+    spec = importlib.util.spec_from_file_location(
+        "study_pairs", Path(__file__).resolve().parent.parent / "scripts" / "study_pairs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main([str(out), "--resamples", "50", "--pairs", "perce - ce"])
+    text = (out / "pairs.md").read_text()
+    assert "ROUGE-1 |" not in text.split("Per seed")[1]
+    (cell_file,) = (out / "cells").glob("perce__seed1_*.json")
+    cell = json.loads(cell_file.read_text())
+    assert f"| perce | 1 | {cell['metrics']['nll']:.3f} | " in text
+
+
 def test_study_pairs_names_one_arm_per_clip(tmp_path, fake_training):
     """A clip ablation: perce at two clips is two arms, "perce[0.8:5]" and "perce[1:5]"; each one's
     difference to ce is compare's vs_ce at that clip, and they are paired with each other."""
