@@ -1,5 +1,9 @@
 """``PerCETrainer``: a ``transformers.Trainer`` whose loss is ce / perce / lossce / entce.
 
+The method itself is ``PerCELossMixin``: ``PerCETrainer`` is that mixin on the stock Trainer, and
+``trl_sft.PerCESFTTrainer`` is the same mixin on TRL's ``SFTTrainer``; both feed it
+``PairedCollator`` batches, so there is one E-step, one loss and one cache.
+
 One training step (the paper's bootstrap, "EM"):
   E-step  a separate top-level no-grad forward of the *current* model on the
           profile-free input gives log p(y_i | x, y_<i); PIR = logp_with.detach() - that.
@@ -93,9 +97,10 @@ def eval_mode(model):
         model.train(was)
 
 
-class PerCETrainer(AtomicCheckpointMixin, Trainer):
-    """Trainer for paired (with-profile / profile-free) batches from ``PairedCollator``.
-    Checkpoints are written atomically (``checkpointing.py``) and carry the PIR cache."""
+class PerCELossMixin:
+    """The E-step and the weighted loss (the M-step) on ``PairedCollator`` batches, mixed in before a
+    ``transformers.Trainer`` subclass. ``PerCETrainer`` below and ``trl_sft.PerCESFTTrainer`` are both
+    this mixin plus their own data plumbing, so the two trainers cannot drift apart in the method."""
 
     extra_state_attrs = ("_pir_cache", "skipped_nonfinite")
 
@@ -110,7 +115,8 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         self.perce = perce_args or LossOptions()
         self.example_ids = example_ids
         self._pir_cache: dict[int, torch.Tensor] = {}   # example idx -> PIR of its response tokens [n_i]
-        self._metrics: dict[str, list[float]] = defaultdict(list)
+        # Not ``_metrics``: TRL's trainers keep their own metrics dict under that name.
+        self._perce_metrics: dict[str, list[float]] = defaultdict(list)
         self.skipped_nonfinite = 0
         self.counterfactual_passes = 0   # E-step forwards run (refresh=every_k/once cache them)
         # A weighted loss whose weights would see dropout recomputes them in eval mode (see top).
@@ -171,8 +177,12 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         """The E-step's per-token signal [B, R]: ``fresh_fn()`` every step (the paper's bootstrap), or
         the per-example cache of --refresh every_k / once (see the module docstring)."""
         p = self.perce
+        if not self.model.training:
+            # An evaluation batch's ``idx`` numbers rows of the eval set, not of the training set the
+            # cache is keyed by: always fresh, and not counted in the training logs.
+            return fresh_fn()
         if p.refresh == "step":
-            self._metrics["pir_refreshed"].append(1.0)
+            self._perce_metrics["pir_refreshed"].append(1.0)
             return fresh_fn()
         step = self.state.global_step
         # every_k: optimizer steps divisible by k re-estimate their whole batch; other steps reuse
@@ -186,9 +196,9 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
             fresh = fresh_fn()
             new = {i: fresh[b, : lengths[b]].cpu() for b, i in enumerate(idx) if stale[b]}
             self._pir_cache.update(self._share(new))
-            self._metrics["pir_refreshed"].append(sum(stale) / len(idx))
+            self._perce_metrics["pir_refreshed"].append(sum(stale) / len(idx))
         else:
-            self._metrics["pir_refreshed"].append(0.0)
+            self._perce_metrics["pir_refreshed"].append(0.0)
         cached = [self._pir_cache[i] for i in idx]
         out = torch.zeros(inputs["response_mask"].shape, dtype=cached[0].dtype, device=inputs["response_mask"].device)
         for b, c in enumerate(cached):
@@ -219,7 +229,8 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
                 extra["token_loss"] = -sig_logp
         loss = LOSSES[p.method](logp, mask, clip_min=p.clip_min, clip_max=p.clip_max, normalize=p.normalize,
                                 num_items=num_items_in_batch, **extra)
-        self._check_finite(loss, inputs, {k: v for k, v in extra.items() if torch.is_tensor(v)})
+        if model.training:   # an evaluation reports what it gets (a NaN eval loss shows); it never skips or stops
+            self._check_finite(loss, inputs, {k: v for k, v in extra.items() if torch.is_tensor(v)})
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # DDP averages gradients over processes; num_items_in_batch counts all of them.
             loss = loss * self.accelerator.num_processes
@@ -244,7 +255,7 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
             names = f"on another process (this one had {names})"
         if self.perce.on_nonfinite == "skip":
             self.skipped_nonfinite += 1
-            self._metrics["nonfinite_skipped"].append(1.0)
+            self._perce_metrics["nonfinite_skipped"].append(1.0)
             raise _SkipStep()
         raise NonFiniteLossError(f"non-finite loss or weight at step {self.state.global_step + 1} "
                                  f"for examples {names}; lower the learning rate or pass --on-nonfinite skip")
@@ -262,27 +273,32 @@ class PerCETrainer(AtomicCheckpointMixin, Trainer):
         signal = {"perce": extra.get("pir"), "lossce": extra.get("token_loss"), "entce": extra.get("entropy"),
                   "threshold": extra.get("pir"), "jsd": extra.get("jsd")}.get(p.method)
         if signal is None:
-            self._metrics["mean_weight"].append(1.0)
+            self._perce_metrics["mean_weight"].append(1.0)
             return
         if p.method == "threshold":
             w = threshold_weights(signal, p.threshold_margin, p.clip_min, p.clip_max)
         elif p.method == "jsd":
             w = clip_weights(relative_jsd(signal, mask), p.clip_min, p.clip_max)
-            self._metrics["mean_jsd"].append(signal[m].mean().item())
+            self._perce_metrics["mean_jsd"].append(signal[m].mean().item())
         else:
             w = clip_weights(signal, p.clip_min, p.clip_max)
-        self._metrics["mean_weight"].append(w[m].mean().item())
+        self._perce_metrics["mean_weight"].append(w[m].mean().item())
         if p.method in ("perce", "threshold"):
-            self._metrics["mean_pir"].append(signal[m].mean().item())
-            self._metrics["share_pir_above_min"].append((signal[m] > p.clip_min).float().mean().item())
+            self._perce_metrics["mean_pir"].append(signal[m].mean().item())
+            self._perce_metrics["share_pir_above_min"].append((signal[m] > p.clip_min).float().mean().item())
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         # Attach the averages since the last log to the training logs (TRL does the same).
-        if "loss" in logs and self._metrics:
-            for k, v in self._metrics.items():
+        if "loss" in logs and self._perce_metrics:
+            for k, v in self._perce_metrics.items():
                 logs[k] = round(sum(v) / len(v), 6)
-            self._metrics.clear()
+            self._perce_metrics.clear()
         super().log(logs, *args, **kwargs)
+
+
+class PerCETrainer(PerCELossMixin, AtomicCheckpointMixin, Trainer):
+    """Trainer for paired (with-profile / profile-free) batches from ``PairedCollator``.
+    Checkpoints are written atomically (``checkpointing.py``) and carry the PIR cache."""
 
 
 class _SkipStep(Exception):
