@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "identify": ("percontrast.commands.identify", "IdentifyConfig", "Personal-token identification benchmark."),
     "report": ("percontrast.commands.report", "ReportConfig", "report.html with plots of a train or compare output folder."),
     "demo": ("percontrast.commands.demo", "DemoConfig", "The Quick start demo: score, heatmap, short PerCE fine-tune."),
+    "export-weights": ("percontrast.commands.export_weights", "ExportWeightsConfig",
+                       "PerCE token weights computed once, for other trainers (refresh=once, not the paper's bootstrap)."),
 }
 # nested: percontrast data prepare ...
 DATA_COMMANDS: dict[str, tuple[str, str, str]] = {
