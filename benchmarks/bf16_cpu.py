@@ -31,6 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--data", default=str(ROOT / "data/email-short/train.jsonl"))
+    ap.add_argument("--model", default="smollm2-135m", help="model spec (tiny-random for the smoke test)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/bf16_cpu.md"))
     args = ap.parse_args()
 
@@ -46,7 +47,7 @@ def main() -> None:
     from percontrast.scoring import counterfactual_logp, with_profile_logits
 
     data = args.data if Path(args.data).exists() else "builtin:sample-train"
-    cfg = TrainConfig(model="smollm2-135m", data=data, task="email", k=1, max_length=160, lora=True, lora_r=16,
+    cfg = TrainConfig(model=args.model, data=data, task="email", k=1, max_length=160, lora=True, lora_r=16,
                       lora_alpha=32, method="perce")
     model, tok = cfg.load_model()
     model = apply_lora(model, cfg)
@@ -99,7 +100,7 @@ def main() -> None:
     lines = ["# bf16 autocast on CPU: PerCE step time and numbers", "",
              f"Machine: {run.get('machine')}; date {run.get('date')}; torch threads {torch.get_num_threads()}; "
              f"load average {load0[0]:.2f} -> {load1[0]:.2f}; git {run.get('git_commit')}.",
-             f"Batch: 8 email records, {int(mask.sum())} response tokens, LoRA r 16, smollm2-135m.", "",
+             f"Batch: 8 email records, {int(mask.sum())} response tokens, LoRA r 16, {args.model}.", "",
              f"- step time bf16 / float32: **{ratio:.2f}** (median of {args.rounds} rounds; float32 "
              f"{statistics.median(times[False]):.2f} s, bf16 {statistics.median(times[True]):.2f} s)",
              f"- |PIR bf16 - PIR float32|: max {dpir.max().item():.3f} nats, mean {dpir.mean().item():.4f} nats; "
