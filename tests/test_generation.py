@@ -393,3 +393,36 @@ def _scaled(base):
             if p.dim() == 2:
                 p.mul_(5)
     return model
+
+
+def test_preallocated_cache_gives_the_concatenating_caches_tokens(tiny, tiny_abs_pos):
+    """The in-place KV cache (``new_cache`` with a capacity) decodes exactly what transformers' concatenating
+    DynamicCache decodes: plain greedy, with the n-gram ban and with row dropping (prompts of different
+    lengths, some rows ending early), on the rotary and the absolute-position model; float64 (see the top)."""
+    from percontrast.generation import new_cache
+    for model, tok in (tiny, tiny_abs_pos):
+        assert all(type(layer).__name__ == "GrowingLayer" for layer in new_cache(model, 8).layers)
+        prompts = _prompts(tok)
+        for opts in (DecodingOptions(max_new_tokens=12), DecodingOptions(max_new_tokens=12, no_repeat_ngram_size=2),
+                     DecodingOptions(max_new_tokens=12, contrast_alpha=1.0)):
+            contrast = [p[len(p) // 2:] or p for p in prompts] if opts.contrastive else None
+            a, b = ([], [])
+            fast = generate_from_ids(model, tok, prompts, opts, batch_size=4, progress=False, return_ids=True,
+                                     contrast_prompts=contrast, info=a)
+            stock = generate_from_ids(model, tok, prompts, opts, batch_size=4, progress=False, return_ids=True,
+                                      contrast_prompts=contrast, info=b, preallocate=False)
+            assert fast == stock and a == b
+
+
+def test_preallocated_cache_grows_past_its_capacity(tiny):
+    """Written past the planned length, the layer grows and still returns the whole history."""
+    from percontrast.generation import new_cache
+    model, _ = tiny
+    cache = new_cache(model, 3)
+    layer = cache.layers[0]
+    ks = [torch.randn(2, 1, n, 4, dtype=torch.float64) for n in (2, 1, 1, 3)]
+    for k in ks:
+        keys, values = layer.update(k, -k)
+    assert torch.equal(keys, torch.cat(ks, -2)) and torch.equal(values, -torch.cat(ks, -2))
+    layer.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(layer.keys, torch.cat(ks, -2)[1:]) and layer.get_seq_length() == 7

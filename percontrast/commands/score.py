@@ -138,9 +138,15 @@ def one_off_record(task_name: str, profile: list[str], input: str, output: str) 
 
 def score_records(model, tokenizer, records: list[dict], builder, *, batch_size: int = 4,
                   clip_min: float = 0.8, clip_max: float = 5.0, profiles: list[list[dict]] | None = None,
-                  progress: bool = True, top_k: int = 0) -> list[dict]:
+                  progress: bool = True, top_k: int = 0, bucket: bool = True) -> list[dict]:
     """Per-example token scores (lists of floats), in record order; ``top_k`` > 0 adds ``top_with`` /
-    ``top_without``: per response token, the top-k [token, probability] pairs, highest first."""
+    ``top_without``: per response token, the top-k [token, probability] pairs, highest first.
+
+    ``bucket`` (default): batches are formed from records of similar length (sorted by the length
+    of the with-profile sequence), so a batch pays little padding; results come back in record
+    order. A row's scores do not depend on what it is batched with beyond float rounding (masks
+    and position ids make padding inert; tests/test_generation.py's argument), so this changes
+    nothing but the time. ``bucket=False`` batches in record order (the benchmarks' "before")."""
     import torch
     from tqdm.auto import tqdm
 
@@ -151,29 +157,35 @@ def score_records(model, tokenizer, records: list[dict], builder, *, batch_size:
     model.eval()
     collate = PairedCollator(tokenizer.pad_token_id)
     device = next(model.parameters()).device
-    results, decoded = [], {}
-    for start in tqdm(range(0, len(records), batch_size), desc="scoring", disable=not progress, leave=False):
-        chunk = records[start:start + batch_size]
-        # swap: the counterfactual prompt holds another user's profile instead of none
-        enc = [builder.encode(r, counterfactual_profile=None if profiles is None else profiles[start + i])
-               for i, r in enumerate(chunk)]
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(enc).items()}
+    # swap: the counterfactual prompt holds another user's profile instead of none
+    enc = [builder.encode(r, counterfactual_profile=None if profiles is None else profiles[i])
+           for i, r in enumerate(records)]
+    order = list(range(len(records)))
+    if bucket:
+        order.sort(key=lambda i: len(enc[i]["prompt_with"]) + len(enc[i]["response"]))
+    results: list[dict | None] = [None] * len(records)
+    decoded: dict[int, str] = {}
+    for start in tqdm(range(0, len(order), batch_size), desc="scoring", disable=not progress, leave=False):
+        idx = order[start:start + batch_size]
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([enc[i] for i in idx]).items()}
         s = score_batch(model, batch, top_k=top_k)
         pir = s.pir
         w = clip_weights(pir, clip_min, clip_max)
-        for b, (r, e) in enumerate(zip(chunk, enc)):
+        for b, i in enumerate(idx):
+            r, e = records[i], enc[i]
             n = len(e["response"])
-            results.append({
+            row = {
                 "id": r["id"], "input": r["input"], "output": r["output"],
                 "tokens": [tokenizer.decode([t]) for t in e["response"]], "token_ids": e["response"],
                 "pir": pir[b, :n].tolist(), "logp_with": s.logp_with[b, :n].tolist(),
                 "logp_without": s.logp_without[b, :n].tolist(), "entropy": s.entropy[b, :n].tolist(),
                 "weights": w[b, :n].tolist(), "n_profile_items": e["n_profile_items"],
-                "profile_removed": e["profile_removed"], "profile": e["profile_shown"]})
+                "profile_removed": e["profile_removed"], "profile": e["profile_shown"]}
             if top_k:
-                results[-1]["top_with"] = _candidates(tokenizer, *s.top_with, b, n, decoded)
-                results[-1]["top_without"] = _candidates(tokenizer, *s.top_without, b, n, decoded)
-    return results
+                row["top_with"] = _candidates(tokenizer, *s.top_with, b, n, decoded)
+                row["top_without"] = _candidates(tokenizer, *s.top_without, b, n, decoded)
+            results[i] = row
+    return results  # type: ignore[return-value]
 
 
 def _candidates(tokenizer, probs, ids, b: int, n: int, decoded: dict[int, str]) -> list[list[list]]:
