@@ -6,7 +6,8 @@
 
 Needs only Python >= 3.10 and pip. Set-up is idempotent: the virtual environment is
 rebuilt only when requirements*.txt, pyproject.toml or $PERCONTRAST_TORCH_INDEX change
-(their hash is stored inside .venv). Extra arguments after the command are passed on
+(their hash is stored inside .venv). `test` also installs requirements-test.txt (the judge
+test's llama.cpp server, compiled once). Extra arguments after the command are passed on
 (to `percontrast demo` or to pytest).
 
 Environment (docs/setup.md): PERCONTRAST_VENV, where the environment goes (default
@@ -28,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("PERCONTRAST_VENV", ROOT / ".venv"))
 REQS = [ROOT / "requirements.txt", ROOT / "requirements-model.txt", ROOT / "pyproject.toml"]
+TEST_REQS = ROOT / "requirements-test.txt"
 TORCH_INDEX_VAR = "PERCONTRAST_TORCH_INDEX"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
@@ -105,6 +107,19 @@ def _pip(cmd: list[str]) -> None:
         raise SetupError(f"set-up of {VENV} failed: pip {shown} exited with {rc} (pip's message is above)")
 
 
+def setup_tests() -> None:
+    """``requirements-test.txt`` for ``run.py test`` only: the judge's real-server test needs
+    llama-cpp-python, which PyPI has only as source (pip compiles llama.cpp once, then caches the
+    wheel), so the demo does not pay for it. Stamped like the main set-up."""
+    stamp = VENV / ".percontrast-test-requirements"
+    digest = hashlib.sha256(TEST_REQS.read_bytes()).hexdigest()
+    if stamp.exists() and stamp.read_text() == digest:
+        return
+    print(f"[run.py] installing {TEST_REQS.name} (llama-cpp-python compiles once: several minutes) ...", flush=True)
+    _pip([str(_bin("python")), "-m", "pip", "--disable-pip-version-check", "-q", "install", "-r", str(TEST_REQS)])
+    stamp.write_text(digest)
+
+
 def setup() -> None:
     index = torch_index()
     stamp = VENV / ".percontrast-requirements"
@@ -137,6 +152,8 @@ def main(argv: list[str]) -> int:
     cmd, rest = argv[0], argv[1:]
     try:
         setup()
+        if cmd == "test":
+            setup_tests()
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

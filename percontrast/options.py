@@ -10,6 +10,7 @@ it describes: ``ModelOptions.load_model()``, ``PromptOptions.prompt_builder()``.
     ModelDataOptions  the two above + data, limit (commands that read a data file)
     LossOptions       method, clip, normalize, refresh, on_nonfinite (train, and PerCETrainer itself)
     DecodingOptions   max_new_tokens, sampling, repetition penalty, batch size (generate, eval, compare)
+    JudgeOptions      judge (a model spec or a server URL) and its connection settings (eval, compare)
 """
 from __future__ import annotations
 
@@ -112,8 +113,13 @@ class LossOptions:
                         "from the token loss), entce (weights from predictive entropy), jsd (NextQuill-style: "
                         "Jensen-Shannon divergence between the with-profile and profile-free next-token "
                         "distributions, over its mean on the batch's response tokens), threshold (NextQuill-"
-                        "style: clip_max where PIR > --threshold-margin, clip_min elsewhere). All weights are "
-                        "clipped to [clip_min, clip_max] and held constant for autograd.", choices=METHODS)
+                        "style: clip_max where PIR > --threshold-margin, clip_min elsewhere), nextquill (NextQuill "
+                        "as its released code trains: weight 0.9 where p_with - p_without of the gold token > 0.05, "
+                        "0.1 elsewhere, divided by their sum, plus 0.1 x CE of the logit difference z_with - "
+                        "z_without), dft (TRL's Dynamic Fine-Tuning: -p * log p with p detached, over response "
+                        "tokens). The weights of lossce, entce, perce, jsd and threshold are clipped to [clip_min, "
+                        "clip_max]; nextquill and dft use neither the clip nor --normalize. All weights are held "
+                        "constant for autograd.", choices=METHODS)
     threshold_margin: float = field(0.693, help="threshold: the PIR (nats) above which a token gets clip_max "
                                     "(0.693 = ln 2: the profile at least doubled its probability).")
     clip_min: float = field(0.8, help="m: lower clip of the token weights (the paper's 0.8).")
@@ -223,3 +229,74 @@ class DecodingOptions:
         else:  # silence "temperature is set but do_sample=False" from the model's own generation config
             kw.update(temperature=None, top_p=None, top_k=None)
         return kw
+
+
+@dataclass
+class JudgeOptions:
+    """The LLM judge of personalization (``judge.py``); off unless ``judge`` is given."""
+    judge: str | None = field(None, help="LLM judge of personalization (G-Eval style, 1-5, the probability-"
+                              "weighted digit score sum s*p(s)): a --model-style spec run locally (a checkpoint "
+                              "folder, a hub id, smollm2-135m) or an OpenAI-compatible server's base URL "
+                              "(http://127.0.0.1:8000/v1, e.g. vllm serve). The built-in smollm2-135m (135M "
+                              "parameters) is NOT a meaningful judge: use it only to test the plumbing.")
+    judge_model: str | None = field(None, help="With a server --judge: the served model name (default: the "
+                                    "server's only model, from /models).")
+    judge_api: str = field("chat", help="With a server --judge: chat (/chat/completions, logprobs + "
+                           "top_logprobs=20) or completions (/completions, logprobs=20, the rubric as plain text).",
+                           choices=("chat", "completions"))
+    judge_api_key_env: str = field("OPENAI_API_KEY", help="With a server --judge: the environment variable "
+                                   "holding its API key (sent as a Bearer token when set; never stored).")
+    judge_timeout: float = field(60.0, help="With a server --judge: seconds per request.")
+    judge_retries: int = field(2, help="With a server --judge: retries of a request after a connection error, "
+                               "timeout or 5xx (backoff 0.5 s, 1 s, 2 s, ...).")
+    judge_batch_size: int = field(4, help="Judge prompts per forward (local) or requests in flight (server).")
+    judge_dtype: str = field("auto", help="With a local --judge: weights dtype.", choices=DTYPES)
+
+    def __post_init__(self):
+        if self.judge is not None:
+            self.judge = self.judge.strip() or None
+        if self.judge is not None:
+            from .judge import is_server, normalize_base_url
+            if is_server(self.judge):
+                normalize_base_url(self.judge)   # a malformed URL is refused now, before any work
+        if self.judge_timeout <= 0 or self.judge_retries < 0 or self.judge_batch_size < 1:
+            raise UserError("need judge_timeout > 0, judge_retries >= 0 and judge_batch_size >= 1")
+        if self.judge_api not in ("chat", "completions"):
+            raise UserError(f"judge_api must be chat or completions, got {self.judge_api!r}")
+        _parent_post_init(self, JudgeOptions)
+
+    def _server_judge(self):
+        from .judge import ServerJudge
+        return ServerJudge(self.judge, model=self.judge_model, api=self.judge_api,
+                           api_key_env=self.judge_api_key_env, timeout=self.judge_timeout,
+                           retries=self.judge_retries, concurrency=self.judge_batch_size)
+
+    def judge_description(self) -> dict | None:
+        """What decides the judge's scores (compare hashes it into every cell), without loading a
+        local judge; a server is asked for its model name once when --judge-model is not given."""
+        if self.judge is None:
+            return None
+        from .judge import is_server, local_description
+        if not is_server(self.judge):
+            return local_description(self.judge, self.judge_dtype)
+        cached = self.__dict__.get("_judge_description")   # not a field: never in YAML or asdict
+        if cached is None:
+            j = self._server_judge()
+            j.resolve_model()
+            cached = self.__dict__["_judge_description"] = j.describe()
+        return cached
+
+    def make_judge(self, trust_remote_code: bool = False):
+        """The judge these options describe, checked (a server reached and returning log-probs, a
+        local model loaded), or None."""
+        if self.judge is None:
+            return None
+        from .judge import LocalJudge, is_server
+        if is_server(self.judge):
+            j = self._server_judge()
+            j.model = (self.judge_description() or {}).get("model")
+        else:
+            j = LocalJudge(self.judge, dtype=self.judge_dtype, trust_remote_code=trust_remote_code,
+                           batch_size=self.judge_batch_size)
+        j.check()
+        return j

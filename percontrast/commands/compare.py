@@ -19,6 +19,13 @@ with a bootstrap interval over examples and one over seeds then examples, and th
 relative gain in %; wall time, peak memory) and ``results.png``. Everything is checked
 (methods, metrics, data files, train settings, stale cells) before the first training step.
 
+``judge`` (a model spec or a server URL, ``JudgeOptions``) adds the LLM judge of personalization
+(``judge.py``) to every generating cell: per example ``judge`` / ``judge_mass`` beside the other
+scores. The judge's identity (spec or URL, served model, API, rubric version) is part of each
+cell's definition; a cell that differs from the current config ONLY in its judge keeps its
+predictions and is re-judged (no training, no generation), so adding or changing a judge on a
+finished study costs only the judging.
+
 This module is the run loop: the config, the plan (which models to build, which cells each
 fills), the cell hashes and their check on resume, training and evaluating the missing cells,
 and ``run``. The statistics, tables and plot come from ``compare_report``.
@@ -38,7 +45,7 @@ from ..config import field
 from ..errors import UserError
 from ..files import write_text_atomic
 from ..metrics import DEFAULT_METRICS, check_metrics
-from ..options import DecodingOptions, ModelDataOptions
+from ..options import DecodingOptions, JudgeOptions, ModelDataOptions
 from .compare_report import (ALL_METHODS, BASE_METHODS, CONTRAST_SUFFIX, REFERENCE, TRAINED_METHODS,
                              VARIANT_SEP, is_base, model_method, plot, plot_curves, render_markdown, report_metrics,
                              summarize, train_method, uses_clip, variant_of)
@@ -49,7 +56,7 @@ _OWNED = {"method", "seed", "learning_rate", "clip_min", "clip_max", "output_dir
 
 
 @dataclass
-class CompareConfig(ModelDataOptions, DecodingOptions):
+class CompareConfig(JudgeOptions, ModelDataOptions, DecodingOptions):   # judge flags listed last
     methods: list[str] = field(default_factory=lambda: list(ALL_METHODS),
                                help="Methods to compare: " + ", ".join(ALL_METHODS) + "; X+contrast (e.g. "
                                "perce+contrast, base_profile+contrast): X's model decoded with profile-contrastive "
@@ -107,6 +114,8 @@ class CompareConfig(ModelDataOptions, DecodingOptions):
             raise UserError("--no-generate measures nothing without --likelihood")
         if not self.generate and (self.attribution or any(m.endswith(CONTRAST_SUFFIX) for m in self.methods)):
             raise UserError("attribution and X+contrast arms need generations: drop --no-generate")
+        if not self.generate and self.judge:
+            raise UserError("--judge scores generations: drop --no-generate")
         if self.contrast_arm_alpha <= 0:
             raise UserError("contrast_arm_alpha must be > 0")
         self.metrics = list(check_metrics(self.metrics))
@@ -242,11 +251,13 @@ def digest(obj) -> str:
 
 
 def cell_definition(cfg: CompareConfig, method: str, seed: int, setting: dict | None, es: dict,
-                    digests: dict[str, str]) -> dict:
-    """Everything that decides a cell's predictions; its digest is the cell's ``config_hash``.
+                    digests: dict[str, str], judge: dict | None = None) -> dict:
+    """Everything that decides a cell's predictions and scores; its digest is the cell's ``config_hash``.
 
     ``setting`` is None for an untrained method. Trained methods carry the full resolved
-    TrainConfig (defaults included, so a changed default also counts as a change)."""
+    TrainConfig (defaults included, so a changed default also counts as a change). ``judge``
+    (``JudgeOptions.judge_description()``) is added only when there is one, so cells made
+    without a judge keep their hashes."""
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelDataOptions)
               if f.name not in _NOT_DEFINING_SHARED}
     decoding = dataclasses.asdict(arm_decoding(cfg, method)) if cfg.generate else None
@@ -260,6 +271,8 @@ def cell_definition(cfg: CompareConfig, method: str, seed: int, setting: dict | 
         skip |= {"threshold_margin"} if train_method(method) != "threshold" else set()
         d["train"] = {"records_sha256": digests[TRAIN_RECORDS],
                       "config": {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in skip}}
+    if judge is not None:
+        d["judge"] = judge
     return d
 
 
@@ -281,11 +294,17 @@ def _changed_paths(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def read_cell(path: Path, definition: dict, cfg: CompareConfig) -> dict:
+def _judge_only(changed: list[str]) -> bool:
+    return bool(changed) and all(p == "judge" or p.startswith("judge.") for p in changed)
+
+
+def read_cell(path: Path, definition: dict, cfg: CompareConfig, rejudge_ok: bool = False) -> dict:
     """A finished cell, checked against the cell the current config would compute.
 
     Reusing a cell made with other settings would mix two experiments in one table, so
-    any mismatch is one UserError naming the file and the way out."""
+    any mismatch is one UserError naming the file and the way out. With ``rejudge_ok``, a
+    cell that differs only in its judge comes back marked ``rejudge``: its predictions stand,
+    only its judge scores are recomputed."""
     try:
         cell = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -297,6 +316,12 @@ def read_cell(path: Path, definition: dict, cfg: CompareConfig) -> dict:
                         "--adopt-unhashed-cells if you know it was made with exactly these settings")
     if stored is not None and stored != digest(definition):
         changed = _changed_paths(cell.get("definition") or {}, json.loads(json.dumps(definition, default=str)))
+        if _judge_only(changed) and cell.get("definition") is not None:
+            if rejudge_ok:
+                cell["rejudge"] = True
+                return cell
+            raise UserError(f"{path}: cell was judged with another judge than this config's (changed: "
+                            f"{', '.join(changed[:4])}); rerun without --summarize-only to re-judge its predictions")
         shown = ", ".join(changed[:4]) + (f" (+{len(changed) - 4} more)" if len(changed) > 4 else "") \
             if changed else "not recorded"
         raise UserError(f"{path}: cell was computed with other settings than this config (changed: {shown}); "
@@ -433,9 +458,10 @@ def _reusable(cfg, name: str, definition: dict) -> Path | None:
     return None
 
 
-def _plan(cfg, jobs, eval_sets, digests, out: Path) -> list[dict]:
-    """Per job: its cells (eval set, file, definition) and which are already finished. Every
-    finished cell is checked against the current config here, before any training."""
+def _plan(cfg, jobs, eval_sets, digests, out: Path, judge: dict | None = None) -> list[dict]:
+    """Per job: its cells (eval set, file, definition) and which are already finished (or finished
+    but to be re-judged). Every finished cell is checked against the current config here, before
+    any training."""
     plan = []
     for m, s, st in jobs:
         cells = []
@@ -444,13 +470,14 @@ def _plan(cfg, jobs, eval_sets, digests, out: Path) -> list[dict]:
                 continue   # a job whose arms all skip this seed has no cells and trains nothing
             for es in eval_sets:
                 path = out / "cells" / f"{cell_key(arm, s, st or {}, es['name'], st is not None)}.json"
-                definition = cell_definition(cfg, arm, s, st, es, digests)
-                reuse = None
+                definition = cell_definition(cfg, arm, s, st, es, digests, judge)
+                reuse, rejudge = None, False
                 if path.exists():
-                    read_cell(path, definition, cfg)
+                    rejudge = read_cell(path, definition, cfg, rejudge_ok=not cfg.summarize_only).get("rejudge", False)
                 else:
                     reuse = _reusable(cfg, path.name, definition)
-                cells.append({"arm": arm, "es": es, "path": path, "definition": definition, "reuse": reuse})
+                cells.append({"arm": arm, "es": es, "path": path, "definition": definition, "reuse": reuse,
+                              "rejudge": rejudge})
         plan.append({"method": m, "seed": s, "setting": st, "cells": cells})
     return plan
 
@@ -505,10 +532,30 @@ def personal_tokens(cfg: CompareConfig, eval_sets: list[dict], eval_records: dic
     return result
 
 
+def _rejudge(c: dict, cfg: CompareConfig, judge, recs: list[dict]) -> None:
+    """A finished cell whose only change is the judge: re-score its stored predictions and rewrite it."""
+    from ..judge import judge_into
+    from ..prompts import get_task
+
+    cell = json.loads(c["path"].read_text())
+    by_id = {str(e["id"]): e for e in cell["examples"]}
+    rows = [by_id[str(r["id"])] for r in recs]   # same records: the definition's digest matched
+    per = [e["scores"] for e in rows]
+    for p in per:
+        p.pop("judge", None), p.pop("judge_mass", None)
+    cell["metrics"].pop("judge", None), cell["metrics"].pop("judge_mass", None)
+    cell.pop("judge", None)
+    if judge is not None:
+        cell["judge"] = judge_into(judge, get_task(c["es"]["task"]), recs, [e["prediction"] or "" for e in rows],
+                                   cfg, per, cell["metrics"])
+    cell["config_hash"], cell["definition"] = digest(c["definition"]), c["definition"]
+    write_text_atomic(c["path"], json.dumps(cell, indent=1, default=str))
+
+
 def _measure(cfg: CompareConfig, arm: str, recs: list[dict], texts: list[str] | None, info: list | None,
              like_rows: list[dict] | None, personal: dict | None, attributor) -> tuple[list[dict], dict]:
     """Per-example scores and corpus values of one cell: overlap metrics, likelihood, attribution,
-    degeneration (whichever the config asks for)."""
+    degeneration (whichever the config asks for; the judge comes after, ``judge.judge_into``)."""
     from ..degeneration import degeneration_flags
     from ..likelihood import example_likelihood, summarize_likelihood
     from .evaluate import score
@@ -539,6 +586,7 @@ def run(cfg: CompareConfig) -> dict:
     import torch
 
     from ..datasets import load_records
+    from ..judge import judge_into
     from ..metrics import metric_versions
     from ..models import default_device
     from ..prompts import get_task
@@ -561,7 +609,8 @@ def run(cfg: CompareConfig) -> dict:
     # The base model is deterministic under greedy decoding: one seed is enough.
     base_seeds = cfg.seeds if cfg.do_sample else cfg.seeds[:1]
     digests = record_digests(train_records, eval_records)
-    plan = _plan(cfg, _jobs(cfg, settings, base_seeds), eval_sets, digests, out)
+    judge_desc = cfg.judge_description()   # names only: a server is asked for its model, nothing loads
+    plan = _plan(cfg, _jobs(cfg, settings, base_seeds), eval_sets, digests, out, judge_desc)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     for c in (c for job in plan for c in job["cells"] if c["reuse"] is not None):
         write_text_atomic(c["path"], c["reuse"].read_text())   # same settings hash: the same cell
@@ -573,6 +622,11 @@ def run(cfg: CompareConfig) -> dict:
     if cfg.attribution and todo_any:
         from ..attribution import fit_attributor
         attributors = {es["name"]: fit_attributor(eval_records[es["name"]], seed=0) for es in eval_sets}
+    rejudge = [c for job in plan for c in job["cells"] if c["rejudge"]]
+    # loaded (or reached and checked) once, before any training, and only when it has work
+    judge = cfg.make_judge(cfg.trust_remote_code) if judge_desc and (todo_any or rejudge) else None
+    for c in rejudge:
+        _rejudge(c, cfg, judge, eval_records[c["es"]["name"]])
 
     done = skipped = 0
     for job in plan if not cfg.summarize_only else []:
@@ -606,6 +660,8 @@ def run(cfg: CompareConfig) -> dict:
             eval_s = time.perf_counter() - t1
             per, corpus = _measure(cfg, arm, recs, texts, gen_info, like_rows.get(es["name"]),
                                    personal[es["name"]] if personal else None, attributors.get(es["name"]))
+            judged = {"judge": judge_into(judge, get_task(es["task"]), recs, texts, cfg, per, corpus)} \
+                if judge is not None else {}
             cell = {"method": arm, "seed": s, "eval_set": es["name"], "trained": st is not None,
                     "lr": st["lr"] if st else None,
                     "clip_min": st["clip_min"] if st and uses_clip(m) else None,
@@ -615,7 +671,7 @@ def run(cfg: CompareConfig) -> dict:
                     "eval_s": round(eval_s, 2), "peak_mem_bytes": max(mem.peak, emem.peak), "mem_kind": mem.kind,
                     "examples": [{"id": r["id"], "prediction": texts[i] if texts else None, "scores": per[i],
                                   **({"new_tokens": gen_info[i]["new_tokens"]} if gen_info else {})}
-                                 for i, r in enumerate(recs)]}
+                                 for i, r in enumerate(recs)], **judged}
             write_text_atomic(c["path"], json.dumps(cell, indent=1, default=str))
             done += 1
         del model
@@ -634,6 +690,10 @@ def run(cfg: CompareConfig) -> dict:
             results["attribution"][es["name"]] = {"n_users": len(set(r["user_id"] for r in eval_records[es["name"]])),
                                                  "chance": gold["chance"], "majority": gold["chance_majority"],
                                                  "uniform": gold["chance_uniform"], "ceiling": gold["share"]}
+    if judge_desc is not None:
+        from ..judge import note_for
+        results["judge"] = {**judge_desc, "note": note_for(judge_desc["judge"], judge_desc.get("model")),
+                            "unscored": sum((c.get("judge") or {}).get("unscored", 0) for c in cells)}
     results["metric_versions"] = metric_versions()
     results["run"] = run_info(cfg)
     write_text_atomic(out / "results.json", json.dumps(results, indent=1, default=str))

@@ -36,7 +36,9 @@ CONTRAST_SUFFIX = "+contrast"
 LIKELIHOOD_METRICS = ("nll", "nll_personal", "nll_other", "mean_pir")
 ATTRIBUTION_METRICS = ("attributed",)
 DEGENERATION_METRICS = ("hit_cap", "loop")
-_UNSCALED = set(LIKELIHOOD_METRICS)
+# The LLM judge (judge.py): the 1-5 score is shown as it is, its digit mass x100 like a share.
+JUDGE_METRICS = ("judge", "judge_mass")
+_UNSCALED = set(LIKELIHOOD_METRICS) | {"judge"}
 
 
 # An arm "X@name" is trained method X with compare's variants[name] (TrainConfig overrides, e.g.
@@ -77,6 +79,7 @@ def report_metrics(cfg) -> list[str]:
     out += list(LIKELIHOOD_METRICS) if cfg.likelihood else []
     out += list(ATTRIBUTION_METRICS) if cfg.attribution and cfg.generate else []
     out += list(DEGENERATION_METRICS) if cfg.generate else []
+    out += list(JUDGE_METRICS) if getattr(cfg, "judge", None) and cfg.generate else []
     return out
 
 
@@ -134,9 +137,11 @@ def vs_reference(cells: list[dict], ref_cells: list[dict], metric: str, resample
     from ..stats import paired_bootstrap, relative_gain, two_level_bootstrap
 
     all_ids = [e["id"] for e in ref_cells[0]["examples"]]
-    # a per-example metric may be undefined for some examples (nll_personal: no personal token);
-    # that set is the same for every arm (fixed before training), so those examples drop out.
-    ids = [e["id"] for e in ref_cells[0]["examples"] if e["scores"].get(metric) is not None]
+    # a per-example metric may be undefined for some examples (nll_personal: no personal token, the
+    # same set for every arm; judge: no digit among a server's top tokens, per arm): pairs drop out
+    # where any cell of either arm has no value, so both sides average the same examples.
+    defined = [{e["id"] for e in c["examples"] if e["scores"].get(metric) is not None} for c in cells + ref_cells]
+    ids = [i for i in all_ids if all(i in d for d in defined)]
     if not ids:
         return None, None
     a = np.asarray(score_table(cells, metric, ids, all_ids))      # [S, I]
@@ -189,7 +194,9 @@ def summarize(cfg, cells: list[dict], eval_sets: list[dict], settings: list[dict
     untrained methods were run with."""
     # compare's run loop refuses a cell that lacks a metric of its config (read_cell); cells handed in
     # directly (tests, older runs) are summarized on the metrics they all have.
-    metrics = [m for m in report_metrics(cfg) if all(m in c["metrics"] for c in cells)]
+    # A cell whose judge scored no example has judge None: that column is left out (its digit mass,
+    # always defined, stays and shows why).
+    metrics = [m for m in report_metrics(cfg) if all(c["metrics"].get(m) is not None for c in cells)]
     groups = []
     for es in eval_sets:
         for st in settings:
@@ -260,7 +267,8 @@ def plot_curves(curves: dict, path: Path, title: str) -> None:
 
 _LABEL = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
           "meteor": "METEOR", "nll": "NLL/token", "nll_personal": "NLL personal", "nll_other": "NLL other",
-          "mean_pir": "mean PIR", "attributed": "own-author %", "hit_cap": "hit cap %", "loop": "loop %"}
+          "mean_pir": "mean PIR", "attributed": "own-author %", "hit_cap": "hit cap %", "loop": "loop %",
+          "judge": "judge 1-5", "judge_mass": "judge digit mass %"}
 
 
 def _fmt_iv(d: dict, metric: str = "") -> str:
@@ -362,6 +370,14 @@ def render_markdown(res: dict) -> str:
             for seed, pts in seeds.items():
                 lines.append(f"- {label} seed {seed}: " + ", ".join(f"{p[0]}: {p[1]:.3f}" for p in pts))
         lines.append("")
+    if res.get("judge"):
+        j = res["judge"]
+        who = j["judge"] + (f" (model {j['model']}, {j['api']} API)" if j.get("backend") == "server" else "")
+        lines += [f"Judge: {who}, rubric {j['prompt_version']}. judge 1-5: sum over s of s*p(s) from the judge's "
+                  "next-token probabilities of the digits 1-5, renormalized over them (G-Eval); judge digit "
+                  "mass %: the probability the judge put on those five digits (low: it is not answering with a "
+                  f"score). Examples with no digit among the judge's top tokens: {j.get('unscored', 0)}."
+                  + (f" NOTE: {j['note']}." if j.get("note") else ""), ""]
     if res.get("unhashed_cells"):
         lines += [f"Cells without a settings hash, reused on the user's word (--adopt-unhashed-cells): "
                   f"{', '.join(res['unhashed_cells'])}.", ""]

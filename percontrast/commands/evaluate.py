@@ -17,6 +17,12 @@ and ``ended``: whether it stopped at an end token before ``--max-new-tokens``) a
 ``summary.json`` (corpus metrics, ``hit_max_new_tokens``: the share of generations that ran to
 ``--max-new-tokens`` without an end token, a degeneration signal; ``metric_versions()``,
 ``run_info``).
+
+``--judge SPEC_OR_URL`` adds the LLM judge of personalization (``percontrast/judge.py``,
+docs/judge.md): per example ``judge`` (1-5, sum s*p(s) over the digit tokens, renormalized) and
+``judge_mass`` (the probability on the five digits) in ``scores``; their means in the summary's
+``metrics``, and a ``judge`` block (back-end, model, prompt version, unscored examples, a note).
+The judge is loaded / reached before generating, so a bad judge fails before any work.
 """
 from __future__ import annotations
 
@@ -29,11 +35,11 @@ from ..config import field
 from ..errors import UserError
 from ..generation import generate_for
 from ..metrics import DEFAULT_METRICS, METRICS, check_metrics
-from ..options import DecodingOptions, ModelDataOptions
+from ..options import DecodingOptions, JudgeOptions, ModelDataOptions
 
 
 @dataclass
-class EvalConfig(ModelDataOptions, DecodingOptions):
+class EvalConfig(JudgeOptions, ModelDataOptions, DecodingOptions):   # judge flags listed last
     no_profile: bool = field(False, help="Generate from the profile-free prompt (the counterfactual ablation).")
     output_dir: str = field("out/eval", help="Where predictions.json(l) and summary.json go.")
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS),
@@ -86,6 +92,7 @@ def run(cfg: EvalConfig) -> dict:
     refuse_to_replace(out / "summary.json", cfg.overwrite)
     records = load_records(cfg.data, get_task(cfg.task), limit=cfg.limit,
                            require_profile=not (cfg.no_profile or cfg.predictions))
+    judge = cfg.make_judge(cfg.trust_remote_code)   # before generating: a bad judge costs nothing
     t0 = time.perf_counter()
     info: list[dict] | None = None
     if cfg.predictions:
@@ -104,8 +111,12 @@ def run(cfg: EvalConfig) -> dict:
                   "hit_max_new_tokens": hit_max_share(info)}
     gen_s = time.perf_counter() - t0
     per, corpus = score(texts, records, cfg.metrics)
+    judged = {}
+    if judge is not None:
+        from ..judge import judge_into
+        judged = {"judge": judge_into(judge, get_task(cfg.task), records, texts, cfg, per, corpus)}
     summary = {"task": cfg.task, "data": cfg.data, "examples": len(records), **source,
-               "empty_predictions": sum(not t.strip() for t in texts), "metrics": corpus,
+               "empty_predictions": sum(not t.strip() for t in texts), "metrics": corpus, **judged,
                "generation_s": round(gen_s, 2), "metric_versions": metric_versions(), "run": run_info(cfg)}
     write_outputs(out, cfg.task, records, texts, per, summary, info)
     return {"examples": len(records), "metrics": corpus, "output_dir": str(out)}
