@@ -278,3 +278,54 @@ def encode_all(builder: PromptBuilder, records: list[dict], *, with_response: bo
         out.append(e)
     builder.stats.warn()
     return out
+
+
+# Length grouping (``train --group-by-length``). A batch costs its widest row in each pass:
+# B x (max prompt + max response) columns of the aligned layout, with-profile and counterfactual
+# alike, and the two passes share the response part. On the study's data (k=1, max_length 256)
+# prompt and response lengths are ANTI-correlated (a long mail leaves less budget for the
+# profile), so one scalar key such as prompt+response groups poorly (email: padding/real 0.32 ->
+# 0.22); sorting by the response (which both passes share) and then, in runs of a few steps, by
+# the with-profile prompt brings it to ~0.06 (benchmarks/NOTES.md, "Training cost per step").
+GROUP_MEGABATCH_STEPS = 50   # steps per shuffled pool, the stock LengthGroupedSampler's cap
+GROUP_PROMPT_RUN_STEPS = 4   # steps per run sorted by prompt length (measured: 3-8 are within 0.01)
+
+
+def length_grouped_order(rows: list[dict], global_batch: int, seed: int, epoch: int = 0) -> list[int]:
+    """An epoch's order of ``rows`` (encoded examples) in which each consecutive slice of
+    ``global_batch`` (one optimizer step: batch x grad_accum x processes) holds similar lengths.
+
+    Every index appears exactly once. Randomness is a generator seeded by (seed, epoch) alone,
+    so every process computes the same order and a resumed run finds it again. The order
+    depends on the global batch only, never on how a step is split into micro-batches or
+    processes, so 2 processes x batch 2 see the same steps as 1 x batch 4 (each rank takes
+    its micro-batches of a step; ``accelerate``'s BatchSamplerShard hands rank p the
+    micro-batches p, p+W, ... of this order).
+
+    1. A random permutation, cut into pools of ``GROUP_MEGABATCH_STEPS`` steps (the randomness of
+       which examples can meet; the stock sampler's rule: at most 50, at least ~4 pools).
+    2. Each pool sorted by response length, then each run of ``GROUP_PROMPT_RUN_STEPS`` steps of it
+       sorted by with-profile prompt length.
+    3. The full steps shuffled (so long and short steps are spread over the epoch: no
+       long-to-short sweep inside a pool); a short last step stays last, because every later
+       micro-batch would otherwise straddle two steps.
+    """
+    n, G = len(rows), int(global_batch)
+    if G < 1:
+        raise ValueError(f"global_batch must be >= 1, got {G}")
+    # seed and epoch mixed so that (seed 1, epoch 0) is not (seed 0, epoch 1)
+    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    resp = [len(r["response"]) for r in rows]
+    prompt = [len(r["prompt_with"]) for r in rows]
+    perm = torch.randperm(n, generator=gen).tolist()
+    pool_steps = max(1, min(GROUP_MEGABATCH_STEPS, n // (4 * G)))
+    order: list[int] = []
+    for a in range(0, n, pool_steps * G):
+        pool = sorted(perm[a:a + pool_steps * G], key=lambda i: resp[i])   # stable: ties keep the permutation
+        run = GROUP_PROMPT_RUN_STEPS * G
+        for b in range(0, len(pool), run):
+            order += sorted(pool[b:b + run], key=lambda i: prompt[i])
+    steps = [order[s:s + G] for s in range(0, n, G)]
+    tail = [steps.pop()] if steps and len(steps[-1]) < G else []
+    return [i for s in torch.randperm(len(steps), generator=gen).tolist() for i in steps[s]] + \
+        [i for t in tail for i in t]

@@ -61,6 +61,13 @@ class TrainConfig(ModelDataOptions, LossOptions):
                            "val_nll (model in eval mode, no gradient).")
     eval_every: int = field(0, help="Steps between val_nll evaluations (0: none).")
     eval_limit: int = field(32, help="Use the first N --eval-data records for val_nll.")
+    group_by_length: bool = field(False, help="Put examples of similar length in the same batch (by response "
+                                  "length, then with-profile prompt length, within shuffled pools of 50 steps; "
+                                  "the steps in random order; every example once per epoch, the same batches "
+                                  "on 1 or N processes for the same global batch). Cuts padding (study email "
+                                  "data: padded/real tokens 0.32 -> 0.06) without changing any batch's loss, "
+                                  "but changes which examples share a step, so runs differ from the default "
+                                  "random batches; see benchmarks/NOTES.md.")
 
     def __post_init__(self):
         super().__post_init__()
@@ -92,6 +99,32 @@ class ListDataset:
 
     def __getitem__(self, i):
         return self.rows[i]
+
+
+class LengthGroupedDataset(ListDataset):
+    """``--group-by-length``: the rows in ``encoding.length_grouped_order`` for the current epoch.
+
+    Run with ``train_sampling_strategy="sequential"``: the Trainer then reads positions 0..N-1
+    in turn (sharded across processes by accelerate as usual) and this view maps them onto
+    the grouped order. The order is changed per epoch through ``set_epoch``, which accelerate's
+    DataLoaderShard calls on the dataset when the sampler has none (SequentialSampler has
+    none). Done here and not with a custom sampler so PerCETrainer needs no sampler override;
+    the stock LengthGroupedSampler takes one length per example, sizes its pools by the
+    per-device batch (1 and 2 processes would get different steps) and draws from the global
+    RNG, so it does not fit (benchmarks/NOTES.md)."""
+
+    def __init__(self, rows: list[dict], global_batch: int, seed: int):
+        super().__init__(rows)
+        self.global_batch, self.seed = global_batch, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        from ..encoding import length_grouped_order
+        self.epoch = int(epoch)
+        self.order = length_grouped_order(self.rows, self.global_batch, self.seed, self.epoch)
+
+    def __getitem__(self, i):
+        return self.rows[self.order[i]]
 
 
 def _is_main_process() -> bool:
@@ -157,7 +190,13 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, records: list[dict], *, ca
         curve = ValidationCurve([collate(eval_rows[i:i + cfg.batch_size])
                                  for i in range(0, len(eval_rows), cfg.batch_size)], cfg.eval_every)
         callbacks = list(callbacks or []) + [curve]
-    trainer = PerCETrainer(model=model, args=training_arguments(cfg), train_dataset=ListDataset(rows),
+    args = training_arguments(cfg)
+    if cfg.group_by_length:   # one optimizer step's examples: batch x accumulation x processes
+        global_batch = args.train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+        dataset = LengthGroupedDataset(rows, global_batch, cfg.seed)
+    else:
+        dataset = ListDataset(rows)
+    trainer = PerCETrainer(model=model, args=args, train_dataset=dataset,
                            data_collator=PairedCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                            perce_args=cfg, example_ids=[r["id"] for r in records], callbacks=callbacks)
     if curve is not None:
@@ -262,7 +301,9 @@ def training_arguments(cfg: TrainConfig):
         seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=cfg.gradient_checkpointing, remove_unused_columns=False,
         report_to="none", disable_tqdm=not cfg.progress, dataloader_num_workers=0,
-        optim=cfg.optim, logging_first_step=True)
+        optim=cfg.optim, logging_first_step=True,
+        # grouped: LengthGroupedDataset already holds the epoch's (seeded) order; read it in turn
+        train_sampling_strategy="sequential" if cfg.group_by_length else "random")
 
 
 def run(cfg: TrainConfig) -> dict:
