@@ -29,6 +29,15 @@ assistant content and its end-of-turn markers); a standard completion gets EOS, 
 Truncation follows TRL's ``keep_start``: a sequence longer than ``max_length`` loses the end of its
 completion (the same ids in both prompts), and an example whose with-profile prompt alone fills
 ``max_length`` is dropped; both are counted in a warning.
+
+Offline weights (``percontrast export-weights``). A dataset with ``input_ids``, ``weights`` and
+``completion_mask`` (or ``labels``) columns, such as the export's ``dataset/`` folder, is trained on
+as it is: loss = sum_i w_i * nll_i / n with the stored weights, n the response tokens of the optimizer
+step, through ``losses.weighted_nll`` (the online path's rule), and NO E-step. Those weights were
+estimated once, with a fixed model, before training: this project's ``refresh=once``-style variant,
+not the paper's bootstrap (which re-estimates PIR with the model being trained at every step). So
+such a dataset needs ``method="perce"`` and ``refresh="once"`` in the config (a run's saved arguments
+then say what it was), and, when the dataset carries the export's metadata, the export's clip.
 """
 from __future__ import annotations
 
@@ -50,14 +59,21 @@ except ImportError as e:   # trl is an optional dependency of percontrast
 from .checkpointing import AtomicCheckpointMixin
 from .encoding import PairedCollator
 from .errors import UserError
+from .losses import weighted_nll
 from .options import LossOptions, PromptOptions
+from .pir import token_logprobs
 from .prompts import TASKS, get_task, personalized_prompt
+from .scoring import naive_with_profile_logp, with_profile_logits
 from .trainer import PerCELossMixin
+from .weights_export import export_metadata, read_example
 
 logger = logging.getLogger(__name__)
 
 COUNTERFACTUAL_COLUMNS = ("profile", "counterfactual_prompt")
 PREPARED_COLUMNS = ("prompt_with", "prompt_without", "response", "idx")   # what PairedCollator reads
+OFFLINE_PREPARED_COLUMNS = ("prompt_with", "response", "weights", "idx")   # what OfflineWeightsCollator reads
+OFFLINE_LABEL = ("offline weights: clip(PIR) estimated once with a fixed model before training (this project's "
+                 "refresh=once-style variant, NOT the paper's every-step bootstrap); no E-step runs")
 
 
 class PerCESFTError(UserError, ValueError):
@@ -138,16 +154,20 @@ def _kind(value) -> str | None:
 
 
 def check_dataset(dataset, name: str) -> str:
-    """Refuse, in one line, a dataset PerCE cannot train on; return its counterfactual column."""
+    """Refuse, in one line, a dataset PerCE cannot train on; return its counterfactual column, or
+    ``"weights"`` for a pre-tokenized dataset of offline weights (``percontrast export-weights``)."""
     from datasets import Dataset
     if not isinstance(dataset, Dataset):
         raise PerCESFTError(f"{name}: PerCESFTTrainer needs a datasets.Dataset (the PIR cache is keyed by row), got "
                             f"{type(dataset).__name__}; materialize it, e.g. Dataset.from_list(list(...))")
     cols = set(dataset.column_names)
+    if "weights" in cols or ("input_ids" in cols and "pir" in cols):
+        return _check_offline_dataset(dataset, name, cols)
     if "input_ids" in cols:
         raise PerCESFTError(f"{name}: the dataset is already tokenized; PerCE tokenizes the prompt, its counterfactual "
                             "and the completion itself: pass the text columns prompt, completion and profile or "
-                            "counterfactual_prompt")
+                            "counterfactual_prompt (or, for offline weights, a percontrast export-weights dataset "
+                            "with a 'weights' column)")
     if cols & {"image", "images"}:
         raise PerCESFTError(f"{name}: vision datasets are not supported by PerCESFTTrainer; use text prompts")
     if not {"prompt", "completion"} <= cols:
@@ -164,6 +184,63 @@ def check_dataset(dataset, name: str) -> str:
         raise PerCESFTError(f"{name}: the dataset is empty")
     _check_row(dataset[0], 0, name, found[0])
     return found[0]
+
+
+def _check_offline_dataset(dataset, name: str, cols: set) -> str:
+    missing = [c for c in ("input_ids", "weights") if c not in cols]
+    if missing:
+        raise PerCESFTError(f"{name}: a dataset of offline weights needs the columns 'input_ids' and 'weights' "
+                            f"(as percontrast export-weights writes them), missing {missing}")
+    if not cols & {"completion_mask", "labels"}:
+        raise PerCESFTError(f"{name}: a dataset of offline weights needs 'completion_mask' or 'labels' (-100 on the "
+                            "prompt) to tell the completion from the prompt")
+    if cols & {"image", "images"}:
+        raise PerCESFTError(f"{name}: vision datasets are not supported by PerCESFTTrainer; use text prompts")
+    if len(dataset) == 0:
+        raise PerCESFTError(f"{name}: the dataset is empty")
+    return "weights"
+
+
+def check_offline_args(args: PerCESFTConfig, meta: dict | None, name: str) -> None:
+    """Refuse, in one line, a config that would mislabel or misuse a dataset of offline weights."""
+    if args.method != "perce":
+        raise PerCESFTError(f"{name} holds offline PerCE weights (clip(PIR), percontrast export-weights), but "
+                            f"method={args.method!r} computes its own weights online: set method='perce', or train "
+                            "on text columns (prompt, completion, profile) for the other methods")
+    if args.refresh != "once":
+        raise PerCESFTError(f"{name} holds offline weights, estimated once before training: that is this project's "
+                            f"refresh=once variant, not refresh={args.refresh!r} (the paper's bootstrap re-estimates "
+                            "PIR every step): set refresh='once' so the run says what it is, or train on text "
+                            "columns (prompt, completion, profile) for the every-step E-step")
+    if meta is not None and (meta.get("clip_min"), meta.get("clip_max")) != (args.clip_min, args.clip_max):
+        raise PerCESFTError(f"{name} was exported with clip_min={meta.get('clip_min')}, "
+                            f"clip_max={meta.get('clip_max')} (its export_info), but the config has "
+                            f"clip_min={args.clip_min}, clip_max={args.clip_max}: set the export's clip, or export "
+                            "again with this one")
+
+
+def encode_offline_example(row: dict, idx: int, *, vocab_size: int, max_length: int | None,
+                           dataset_name: str) -> dict:
+    """One exported row -> what ``OfflineWeightsCollator`` reads (``prompt_with``, ``response``,
+    ``weights`` per completion token, ``idx``) plus the bookkeeping ``encode_example`` returns."""
+    where = f"{dataset_name} row {idx}" + (f" (id {row['id']})" if row.get("id") is not None else "")
+    try:
+        prompt, response, weights = read_example(row)
+    except ValueError as e:
+        raise PerCESFTError(f"{where}: {e}") from None
+    top = max(prompt + response)
+    if top >= vocab_size:
+        raise PerCESFTError(f"{where}: token id {top} is outside the tokenizer's {vocab_size} ids; train with the "
+                            "tokenizer the weights were exported with")
+    cut, dropped = 0, False
+    if max_length is not None:   # TRL's keep_start, as encode_example: the completion's end (and its weights) go
+        room = max_length - len(prompt)
+        if room <= 0:
+            dropped = True
+        elif len(response) > room:
+            cut, response, weights = len(response) - room, response[:room], weights[:room]
+    return {"prompt_with": prompt, "response": response, "weights": [float(w) for w in weights], "idx": idx,
+            "cut_tokens": cut, "dropped": dropped, "profile_empty": False}
 
 
 def _check_row(row: dict, i: int, name: str, column: str) -> str:
@@ -255,11 +332,29 @@ def encode_example(row: dict, idx: int, *, tokenizer, column: str, task: str, ma
             "cut_tokens": cut, "dropped": dropped, "profile_empty": column == "profile" and not row["profile"]}
 
 
+@dataclass
+class OfflineWeightsCollator:
+    """The with-profile half of ``PairedCollator``'s batch (the same aligned layout, so the with-profile
+    forward is the very one the online path runs, logits on the completion window only) plus
+    ``weights`` [B, R]: each completion token's stored weight, 0 on padding (outside the mask anyway)."""
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        out = PairedCollator(self.pad_token_id, with_counterfactual=False)(features)
+        # float64 holds float32 and float64 weights exactly; weighted_nll casts to the log-probs' dtype
+        w = torch.zeros(out["response_mask"].shape, dtype=torch.float64)
+        for b, f in enumerate(features):
+            w[b, : len(f["weights"])] = torch.as_tensor(f["weights"], dtype=torch.float64)
+        out["weights"] = w
+        return out
+
+
 # ----------------------------------------------------------------------------- the trainer
 class PerCESFTTrainer(PerCELossMixin, AtomicCheckpointMixin, SFTTrainer):
     """``SFTTrainer`` with the PerCE loss. Takes what SFTTrainer takes (a model or a model id,
     ``peft_config``, callbacks, ...) with a ``PerCESFTConfig``; the datasets are prompt-completion
-    ones with a ``profile`` or ``counterfactual_prompt`` column (module docstring). Checkpoints are
+    ones with a ``profile`` or ``counterfactual_prompt`` column, or a ``percontrast export-weights``
+    dataset of offline weights (``refresh=once``-style, no E-step; module docstring). Checkpoints are
     atomic and carry the PIR cache, as ``PerCETrainer``'s do."""
 
     _tag_names = ["trl", "sft", "percontrast", "perce"]
@@ -287,11 +382,22 @@ class PerCESFTTrainer(PerCELossMixin, AtomicCheckpointMixin, SFTTrainer):
                 raise PerCESFTError(f"{name} is not supported by PerCESFTTrainer: {why}; leave it unset")
         if train_dataset is None:
             raise PerCESFTError("train_dataset is required")
-        check_dataset(train_dataset, "train_dataset")
+        offline = check_dataset(train_dataset, "train_dataset") == "weights"
         evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval_dataset": eval_dataset}
         for name, ds in evals.items():
-            if ds is not None:
-                check_dataset(ds, name)
+            if ds is not None and (check_dataset(ds, name) == "weights") != offline:
+                # one collator and one loss per run: an online eval of an offline run would run E-steps
+                raise PerCESFTError(f"{name}: is {'a text' if offline else 'an offline-weights'} dataset but "
+                                    f"train_dataset is {'an offline-weights' if offline else 'a text'} one; give "
+                                    "the evaluation data in the training data's form")
+        # The export's export_info.json, when the dataset carries it (a load_from_disk of its dataset/ folder).
+        self.offline_weights = offline   # before SFTTrainer.__init__, which may ask for the signature columns
+        self.offline_weights_info = export_metadata(train_dataset) if offline else None
+        if offline:
+            check_offline_args(args, self.offline_weights_info, "train_dataset")
+            for name, ds in evals.items():
+                if ds is not None:
+                    check_offline_args(args, export_metadata(ds), name)
         # Rows keep their position as ``idx`` (the cache key); an ``id`` column names them in errors.
         ids = [str(i) for i in train_dataset["id"]] if "id" in train_dataset.column_names else None
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -300,19 +406,28 @@ class PerCESFTTrainer(PerCELossMixin, AtomicCheckpointMixin, SFTTrainer):
                          quantization_config=quantization_config, perce_args=args, example_ids=ids)
         # SFTTrainer built its language-modeling collator (and settled the pad token) in __init__;
         # the paired batches the PerCE loss reads come from PairedCollator instead.
-        self.data_collator = PairedCollator(self._tokenizer.pad_token_id)
+        self.data_collator = (OfflineWeightsCollator if offline else PairedCollator)(self._tokenizer.pad_token_id)
+        if offline:
+            meta = self.offline_weights_info
+            origin = (f"from model {meta.get('model')!r} ({meta.get('dtype')}), clip [{meta.get('clip_min')}, "
+                      f"{meta.get('clip_max')}]" if meta else "with no export metadata (nothing to check them against)")
+            logger.warning("PerCESFTTrainer: training on %s, %s", OFFLINE_LABEL, origin)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        if set(PREPARED_COLUMNS) <= set(dataset.column_names):
+        cols = set(dataset.column_names)
+        if set(PREPARED_COLUMNS) <= cols or set(OFFLINE_PREPARED_COLUMNS) <= cols:
             return dataset   # evaluate() prepares again what it is given
         column = check_dataset(dataset, dataset_name)
+        if column == "weights":   # offline weights: already tokenized, only split, checked and cut
+            fn, fn_kwargs = encode_offline_example, {"vocab_size": len(self._tokenizer)}
+        else:
+            fn, fn_kwargs = encode_example, {"tokenizer": self._tokenizer, "column": column, "task": args.task}
         state = PartialState()   # main process first, then the rest (as SFTTrainer prepares its datasets)
         with state.main_process_first(), state.local_main_process_first():
             dataset = dataset.map(
-                encode_example, with_indices=True, remove_columns=dataset.column_names,
-                fn_kwargs={"tokenizer": self._tokenizer, "column": column, "task": args.task,
-                           "max_length": args.max_length, "dataset_name": dataset_name},
-                num_proc=args.dataset_num_proc, desc=f"PerCE: tokenizing {dataset_name} dataset")
+                fn, with_indices=True, remove_columns=dataset.column_names,
+                fn_kwargs={**fn_kwargs, "max_length": args.max_length, "dataset_name": dataset_name},
+                num_proc=args.dataset_num_proc, desc=f"PerCE: preparing {dataset_name} dataset")
         n = len(dataset)
         dropped, empty = sum(dataset["dropped"]), sum(dataset["profile_empty"])
         cut = [c for c in dataset["cut_tokens"] if c]
@@ -331,9 +446,34 @@ class PerCESFTTrainer(PerCELossMixin, AtomicCheckpointMixin, SFTTrainer):
         return dataset
 
     def _set_signature_columns_if_needed(self):
-        # remove_unused_columns keeps what the paired collator reads (the model's forward takes none of it).
+        # remove_unused_columns keeps what the collator reads (the model's forward takes none of it), so the
+        # offline ``weights`` column survives TRL's default remove_unused_columns=True.
         if self._signature_columns is None:
-            self._signature_columns = list(PREPARED_COLUMNS)
+            self._signature_columns = list(OFFLINE_PREPARED_COLUMNS if self.offline_weights else PREPARED_COLUMNS)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "weights" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Offline weights: the online M-step with the stored weights in place of clip(PIR), and no E-step.
+        # The same with-profile log-probs (scoring.py) and the same rule (losses.weighted_nll, n =
+        # num_items_in_batch, the response tokens of the optimizer step) as PerCELossMixin.compute_loss.
+        p, mask = self.perce, inputs["response_mask"]
+        if p.fast:
+            logits = with_profile_logits(model, inputs)
+            logp = token_logprobs(logits, inputs["response_ids"])
+        else:
+            logp, logits = naive_with_profile_logp(model, inputs)
+        weights = inputs["weights"]
+        loss = weighted_nll(logp, weights, mask, p.normalize, num_items_in_batch)
+        if model.training:
+            self._check_finite(loss, inputs, {})   # the weights were checked finite when the dataset was prepared
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes   # as the mixin: DDP averages, n counts every process
+        if model.training and mask.any():
+            m = mask.bool()
+            self._perce_metrics["mean_weight"].append(weights.to(logp.dtype)[m].mean().item())
+            self._perce_metrics["pir_refreshed"].append(0.0)   # no E-step: the weights are the export's
+        return (loss, {"logits": logits}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # The loss only: the logits PerCE computes cover the completion window alone, so they would not

@@ -15,6 +15,9 @@ The weights are computed elsewhere (``commands/score.score_records``: ``scoring.
   mean weight (counted in ``SegmentStats``).
 * ``collate_weighted`` / ``weighted_loss_from_logits``: the consumer side, sum(w * nll) / n over the
   exported columns, through ``losses.weighted_nll`` (the trainer's own rule).
+* ``export_metadata`` / ``read_example``: reading an export back (its ``export_info.json`` from the
+  dataset's info, one row split into prompt, completion and completion weights), for
+  ``trl_sft.PerCESFTTrainer``, which trains on the exported dataset directly.
 
 Offline weights are this project's ``refresh=once`` signal with a fixed model, not the paper's
 bootstrap (which re-estimates PIR with the model being trained at every step).
@@ -302,3 +305,56 @@ def weighted_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, weight
     mask = targets != IGNORE_INDEX
     logp = token_logprobs(logits[:, :-1], targets.clamp(min=0))   # [B, L-1]; -100 gathers index 0, masked
     return weighted_nll(logp, w.to(logp.dtype), mask, normalize, num_items)
+
+
+# ----------------------------------------------------------------------------- reading an export back
+def export_metadata(dataset) -> dict | None:
+    """The ``export_info.json`` an export wrote into its datasets folder's ``info.description``, or None
+    when the dataset does not carry it (made by hand, or read from parquet / jsonl, which drop it)."""
+    import json
+    try:
+        info = json.loads(getattr(getattr(dataset, "info", None), "description", None) or "")
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) and str(info.get("format", "")).startswith("percontrast-weights/") else None
+
+
+def read_example(row: dict) -> tuple[list[int], list[int], list[float]]:
+    """The inverse of ``example_columns``: (prompt ids, completion ids, completion weights) of one row
+    with ``input_ids``, ``weights`` and ``completion_mask`` and / or ``labels`` (-100 off the loss).
+    Raises ``ValueError`` (one line, no location: the caller knows the row) for a row whose columns do
+    not describe one prompt followed by one completion, since a trainer that pairs each completion
+    token with its weight would otherwise train on misaligned weights."""
+    import math
+    ids, w = list(row["input_ids"]), list(row["weights"])
+    L = len(ids)
+    if len(w) != L:
+        raise ValueError(f"'weights' has {len(w)} values for {L} input_ids; they must be aligned token by token")
+    for c in ("attention_mask", "completion_mask", "labels"):
+        if row.get(c) is not None and len(row[c]) != L:
+            raise ValueError(f"'{c}' has {len(row[c])} values for {L} input_ids")
+    if row.get("attention_mask") is not None and not all(a == 1 for a in row["attention_mask"]):
+        raise ValueError("'attention_mask' has zeros: rows must be stored unpadded (the collator pads)")
+    from_labels = None if row.get("labels") is None else [lab != IGNORE_INDEX for lab in row["labels"]]
+    if row.get("completion_mask") is not None:
+        mask = [bool(m) for m in row["completion_mask"]]
+        if from_labels is not None and from_labels != mask:
+            raise ValueError("'labels' and 'completion_mask' disagree on which tokens are the completion")
+    elif from_labels is not None:
+        mask = from_labels
+    else:
+        raise ValueError("needs 'completion_mask' or 'labels' to tell the completion from the prompt")
+    P = mask.index(True) if True in mask else L
+    if P == L:
+        raise ValueError("has no completion tokens (completion_mask all 0 / labels all -100)")
+    if P == 0:
+        raise ValueError("the completion starts at the first token, which no position predicts; keep a prompt")
+    if not all(mask[P:]):
+        raise ValueError("the completion must be one run of tokens at the end of input_ids (prompt, then completion)")
+    if row.get("labels") is not None and list(row["labels"][P:]) != ids[P:]:
+        raise ValueError("'labels' differ from input_ids on the completion (they must be the same ids, unshifted)")
+    if any(v != 0 for v in w[:P]):
+        raise ValueError("'weights' is non-zero on the prompt, where nothing is trained; set it to 0 there")
+    if not all(math.isfinite(v) for v in w[P:]):
+        raise ValueError("'weights' holds a non-finite value on the completion")
+    return ids[:P], ids[P:], w[P:]
