@@ -48,7 +48,7 @@ SWAP_RECORDS = [{"id": f"r{i}", "user_id": u, "input": f"Write about the weekend
 
 def _score_capturing_prompts(capsys, monkeypatch, data, out, counterfactual):
     """Run ``score`` and record every batch that reaches the model: (scores.json, [(with-profile prompt,
-    counterfactual prompt) decoded, one per record in order])."""
+    counterfactual prompt) decoded, one per record, in record order])."""
     import torch
 
     import percontrast.scoring as scoring
@@ -72,8 +72,9 @@ def _score_capturing_prompts(capsys, monkeypatch, data, out, counterfactual):
         for i in range(b["input_ids"].shape[0]):
             w = b["input_ids"][i, :P][b["attention_mask"][i, :P].bool()].tolist()
             c = b["cf_input_ids"][i, :Q][b["cf_attention_mask"][i, :Q].bool()].tolist()
-            prompts.append((tok.decode(w), tok.decode(c)))
-    return json.loads((out / "scores.json").read_text()), prompts
+            prompts.append((int(b["idx"][i]), tok.decode(w), tok.decode(c)))
+    # batches come length-bucketed; ``idx`` is each row's record position
+    return json.loads((out / "scores.json").read_text()), [p[1:] for p in sorted(prompts)]
 
 
 def _owners(prompt: str) -> set:

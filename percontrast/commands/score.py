@@ -160,6 +160,8 @@ def score_records(model, tokenizer, records: list[dict], builder, *, batch_size:
     # swap: the counterfactual prompt holds another user's profile instead of none
     enc = [builder.encode(r, counterfactual_profile=None if profiles is None else profiles[i])
            for i, r in enumerate(records)]
+    for i, e in enumerate(enc):
+        e["idx"] = i            # the collated batch's ``idx``: record positions, whatever the batch order
     order = list(range(len(records)))
     if bucket:
         order.sort(key=lambda i: len(enc[i]["prompt_with"]) + len(enc[i]["response"]))
