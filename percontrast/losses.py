@@ -1,7 +1,8 @@
-"""Token-weighted cross-entropy losses: ``ce``, ``perce``, ``lossce``, ``entce``, ``jsd``, ``threshold``.
+"""Token-weighted cross-entropy losses: ``ce``, ``perce``, ``lossce``, ``entce``, ``jsd``, ``threshold``,
+``nextquill``, ``dft`` (``docs/baselines.md`` says which are faithful reproductions and which are ours).
 
 All take per-token log-probs ``logp`` [B, R] of the gold response tokens under the
-with-profile prompt, and a 0/1 ``mask`` [B, R] of real response positions. The three
+with-profile prompt, and a 0/1 ``mask`` [B, R] of real response positions. The clipped
 weighted losses share one rule and differ only in the signal that is clipped:
 
     w_i = clip(signal_i, m, M)   (detached: a constant for autograd)
@@ -19,6 +20,16 @@ e^margin) and its lower end m elsewhere. ``n`` is the number of response tokens 
 the paper's -1/n sum) or the sum of weights (``"weights"``). Under gradient
 accumulation / several processes ``num_items`` is the response-token count of the
 whole optimizer step, so that micro-batch losses add up to the full-batch loss.
+
+Two peer methods with fixed weights of their own (no clip, no ``normalize`` choice):
+
+- ``nextquill``: NextQuill as its released code trains (github.com/juntaoyou/NextQuill, ``train.py``,
+  ``CustomTrainer3``, commit f095446df600efdd9e7b88f0467b3d702a6731ff, unchanged at HEAD
+  0c3a1788c07f932f777a114f3e57094788f9fe3e): weight 0.9 where the profile raised the gold token's
+  *probability* by more than 0.05 (p_with - p_without > 0.05), 0.1 elsewhere, divided by the sum of
+  the weights, plus 0.1 x the cross-entropy of the difference logits z_with - z_without.
+- ``dft``: Dynamic Fine-Tuning (arXiv 2508.05629) as TRL 1.16 computes it (``SFTTrainer``,
+  ``loss_type="dft"``): -p(y_i) * log p(y_i) with p detached, over the response tokens.
 """
 from __future__ import annotations
 
@@ -28,9 +39,17 @@ from typing import Literal
 import torch
 
 Normalize = Literal["tokens", "weights"]
-METHODS = ("ce", "lossce", "entce", "perce", "jsd", "threshold")   # the one list; tables use this order
+METHODS = ("ce", "lossce", "entce", "perce", "jsd", "threshold", "nextquill", "dft")   # the one list; tables use this order
 # Methods whose weights need the profile-free forward (the E-step) every step.
-CONTRAST_METHODS = ("perce", "jsd", "threshold")
+CONTRAST_METHODS = ("perce", "jsd", "threshold", "nextquill")
+# Methods whose weights are clip(signal, m, M): ce has no weights, nextquill and dft have fixed ones.
+CLIPPED_METHODS = ("lossce", "entce", "perce", "jsd", "threshold")
+
+# NextQuill's constants, as its released code has them (train.py, CustomTrainer3; see the module docstring).
+# The margin is on the probability difference p_with - p_without, not on log-probs (PIR).
+NEXTQUILL_MARGIN = 0.05
+NEXTQUILL_HIGH, NEXTQUILL_LOW = 0.9, 0.1
+NEXTQUILL_ALPHA = 0.1     # CustomTrainer3's default; train.py constructs it without alpha
 
 
 def clip_weights(signal: torch.Tensor, clip_min: float, clip_max: float) -> torch.Tensor:
@@ -105,5 +124,40 @@ def threshold_loss(logp, mask, pir, clip_min=0.8, clip_max=5.0, normalize: Norma
     return weighted_nll(logp, threshold_weights(pir, margin, clip_min, clip_max), mask, normalize, num_items)
 
 
+def probability_gain(logp_with: torch.Tensor, logp_without: torch.Tensor) -> torch.Tensor:
+    """p(y_i | profile, x, y_<i) - p(y_i | x, y_<i): NextQuill's per-token signal (a probability
+    difference in [-1, 1], where PIR is a log-ratio)."""
+    return logp_with.exp() - logp_without.exp()
+
+
+def nextquill_weights(prob_gain: torch.Tensor, margin: float = NEXTQUILL_MARGIN, high: float = NEXTQUILL_HIGH,
+                      low: float = NEXTQUILL_LOW) -> torch.Tensor:
+    """``high`` where the probability gain exceeds ``margin`` (strictly, as their ``p1 - p2 > threshold``),
+    ``low`` elsewhere; detached. Not yet normalized: ``nextquill_loss`` divides by their sum."""
+    g = prob_gain.detach()
+    return torch.where(g > margin, torch.full_like(g, high), torch.full_like(g, low))
+
+
+def nextquill_loss(logp, mask, prob_gain, diff_logp, num_items=None, margin: float = NEXTQUILL_MARGIN,
+                   high: float = NEXTQUILL_HIGH, low: float = NEXTQUILL_LOW, alpha: float = NEXTQUILL_ALPHA, **_):
+    """NextQuill (its released code): sum_i w_i * -logp_i / sum_i w_i + alpha * mean_i -diff_logp_i.
+
+    ``w`` = ``nextquill_weights(prob_gain)``; ``diff_logp`` [B, R] is log softmax(z_with - z_without)[y_i],
+    the log-prob of the gold token under the difference of the two prompts' logits, with gradient
+    through both forwards (their auxiliary term). Their code normalizes each micro-batch by its own
+    weight sum and takes the auxiliary CE as a micro-batch mean; with ``num_items`` (the step's token
+    count) both become step-level like every loss here: the same numbers with one micro-batch per step."""
+    weighted = weighted_nll(logp, nextquill_weights(prob_gain, margin, high, low), mask, "weights", num_items)
+    if alpha == 0:
+        return weighted
+    return weighted + alpha * weighted_nll(diff_logp, None, mask, num_items=num_items)
+
+
+def dft_loss(logp, mask, num_items=None, **_):
+    """DFT, as TRL's ``loss_type="dft"``: sum_i p_i * -logp_i / n with p_i = exp(logp_i) detached (the
+    gradient is p times CE's, and none flows through p) and n the response tokens (TRL's num_tokens)."""
+    return weighted_nll(logp, logp.detach().exp(), mask, "tokens", num_items)
+
+
 LOSSES = {"ce": ce_loss, "perce": perce_loss, "lossce": lossce_loss, "entce": entce_loss,
-          "jsd": jsd_loss, "threshold": threshold_loss}
+          "jsd": jsd_loss, "threshold": threshold_loss, "nextquill": nextquill_loss, "dft": dft_loss}

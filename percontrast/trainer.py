@@ -1,4 +1,4 @@
-"""``PerCETrainer``: a ``transformers.Trainer`` whose loss is ce / perce / lossce / entce.
+"""``PerCETrainer``: a ``transformers.Trainer`` whose loss is one of ``losses.METHODS``.
 
 The method itself is ``PerCELossMixin``: ``PerCETrainer`` is that mixin on the stock Trainer, and
 ``trl_sft.PerCESFTTrainer`` is the same mixin on TRL's ``SFTTrainer``; both feed it
@@ -24,6 +24,12 @@ rank 0 checkpoints, holds every example: N processes behave like one.
 
 ``threshold`` uses the same PIR (and cache); ``jsd`` keeps the profile-free logits of the E-step
 and weighs by the Jensen-Shannon divergence of the two next-token distributions (``losses.py``).
+``nextquill`` caches the gold token's probability gain p_with - p_without the same way; its
+auxiliary term needs the profile-free logits *with* gradient (NextQuill's code trains through both
+forwards), so that forward runs every step whatever ``refresh`` says, and when the model has no
+dropout the E-step reads its detached log-probs instead of running a no-grad pass of its own
+(``refresh`` then changes how fresh the weights are, not the cost). ``dft`` has no E-step: its
+weight p(y_i) is the training forward's own, detached, as TRL takes it (also under dropout).
 
 Weights never see dropout: the E-step runs in eval mode, and when the model has dropout
 (``lora_dropout``, ``attention_dropout``, ...) the with-profile log-probs behind PIR (and the
@@ -46,11 +52,12 @@ from transformers import Trainer
 
 from .checkpointing import AtomicCheckpointMixin
 from .errors import UserError
-from .losses import CONTRAST_METHODS, LOSSES, clip_weights, relative_jsd, threshold_weights
+from .losses import (CONTRAST_METHODS, LOSSES, NEXTQUILL_MARGIN, clip_weights, nextquill_weights, probability_gain,
+                     relative_jsd, threshold_weights)
 from .options import LossOptions
-from .pir import js_divergence, token_entropy, token_logprobs
+from .pir import js_divergence, token_entropy, token_logprobs, upcast
 from .scoring import (counterfactual_logits, counterfactual_logp, naive_counterfactual_logits, naive_counterfactual_logp,
-                      naive_with_profile_logp, with_profile_logits)
+                      naive_response_logp, naive_with_profile_logp, response_logits, with_profile_logits)
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +126,9 @@ class PerCELossMixin:
         self._perce_metrics: dict[str, list[float]] = defaultdict(list)
         self.skipped_nonfinite = 0
         self.counterfactual_passes = 0   # E-step forwards run (refresh=every_k/once cache them)
-        # A weighted loss whose weights would see dropout recomputes them in eval mode (see top).
-        self.signal_needs_eval_pass = self.perce.method != "ce" and has_dropout(self.model)
+        # A weighted loss whose weights would see dropout recomputes them in eval mode (see top); dft's
+        # weight is part of its formula on the training forward (as in TRL), not a separate signal.
+        self.signal_needs_eval_pass = self.perce.method not in ("ce", "dft") and has_dropout(self.model)
         if self.perce.method in CONTRAST_METHODS:
             logger.info("%s weights: %s", self.perce.method, refresh_label(self.perce))
 
@@ -135,6 +143,15 @@ class PerCELossMixin:
         self.counterfactual_passes += 1
         with eval_mode(model):
             return (counterfactual_logits if self.perce.fast else naive_counterfactual_logits)(model, inputs)
+
+    def _cf_logits_with_grad(self, model, inputs) -> torch.Tensor:
+        """Profile-free logits [B, R, V] WITH gradient, in the model's current (training) mode: NextQuill's
+        auxiliary term trains through this forward, so it is not the no-grad E-step."""
+        self.counterfactual_passes += 1
+        args = (inputs["cf_input_ids"], inputs["cf_attention_mask"], inputs["cf_position_ids"], inputs["cf_resp_start"])
+        if self.perce.fast:
+            return response_logits(model, *args, inputs["response_ids"].shape[1])
+        return naive_response_logp(model, *args, inputs["response_ids"])[1]
 
     def _signal_logits(self, model, inputs, logp: torch.Tensor, logits: torch.Tensor):
         """(log-probs [B, R], logits [B, R, V]) with the profile, detached, as the weights must see
@@ -172,6 +189,24 @@ class PerCELossMixin:
         """JS divergence [B, R] between the with-profile (``logits_with()``) and profile-free
         next-token distributions, fresh or cached like PIR."""
         return self._contrast_signal(inputs, lambda: js_divergence(logits_with(), self._cf_logits(model, inputs)))
+
+    def _nextquill(self, model, inputs, logp, logits) -> dict[str, torch.Tensor]:
+        """NextQuill's two inputs: ``prob_gain`` [B, R] = p_with - p_without of the gold token (the E-step's
+        signal, fresh or cached like PIR) and ``diff_logp`` [B, R] = log softmax(z_with - z_without)[y], with
+        gradient through both forwards (the auxiliary term)."""
+        targets = inputs["response_ids"]
+        cf_logits = self._cf_logits_with_grad(model, inputs)                     # [B, R, V], with grad
+        # Upcast before subtracting: two close bf16 logits would lose their difference's digits.
+        diff_logp = token_logprobs(upcast(logits) - upcast(cf_logits), targets)
+
+        def fresh() -> torch.Tensor:
+            if self.signal_needs_eval_pass:   # weights never see dropout: the eval-mode E-step
+                return probability_gain(self._signal_logits(model, inputs, logp, logits)[0],
+                                        self._cf_logp(model, inputs))
+            # No dropout: train and eval mode compute the same, so the auxiliary forward is the E-step's.
+            return probability_gain(logp.detach(), token_logprobs(cf_logits.detach(), targets))
+
+        return {"prob_gain": self._contrast_signal(inputs, fresh), "diff_logp": diff_logp}
 
     def _contrast_signal(self, inputs, fresh_fn) -> torch.Tensor:
         """The E-step's per-token signal [B, R]: ``fresh_fn()`` every step (the paper's bootstrap), or
@@ -221,7 +256,9 @@ class PerCELossMixin:
                 extra["margin"] = p.threshold_margin
         elif p.method == "jsd":
             extra["jsd"] = self._jsd(model, inputs, lambda: self._signal_logits(model, inputs, logp, logits)[1])
-        elif p.method != "ce":
+        elif p.method == "nextquill":
+            extra.update(self._nextquill(model, inputs, logp, logits))
+        elif p.method not in ("ce", "dft"):   # dft's weight is exp(logp) itself (losses.dft_loss)
             sig_logp, sig_logits = self._signal_logits(model, inputs, logp, logits)
             if p.method == "entce":
                 extra["entropy"] = token_entropy(sig_logits)
@@ -271,11 +308,20 @@ class PerCELossMixin:
         if not m.any():
             return
         signal = {"perce": extra.get("pir"), "lossce": extra.get("token_loss"), "entce": extra.get("entropy"),
-                  "threshold": extra.get("pir"), "jsd": extra.get("jsd")}.get(p.method)
+                  "threshold": extra.get("pir"), "jsd": extra.get("jsd"), "nextquill": extra.get("prob_gain"),
+                  "dft": logp.exp()}.get(p.method)
         if signal is None:
             self._perce_metrics["mean_weight"].append(1.0)
             return
-        if p.method == "threshold":
+        if p.method == "nextquill":
+            # mean_weight: of the two-level weights before their sum divides them (0.1 .. 0.9)
+            w = nextquill_weights(signal)
+            self._perce_metrics["mean_prob_gain"].append(signal[m].mean().item())
+            self._perce_metrics["share_above_margin"].append((signal[m] > NEXTQUILL_MARGIN).float().mean().item())
+            self._perce_metrics["aux_nll"].append(-extra["diff_logp"].detach()[m].mean().item())
+        elif p.method == "dft":
+            w = signal   # p(y_i), the DFT weight
+        elif p.method == "threshold":
             w = threshold_weights(signal, p.threshold_margin, p.clip_min, p.clip_max)
         elif p.method == "jsd":
             w = clip_weights(relative_jsd(signal, mask), p.clip_min, p.clip_max)

@@ -20,12 +20,15 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..files import write_bytes_atomic
-from ..losses import METHODS
+from ..losses import CLIPPED_METHODS, METHODS
 from ..options import DecodingOptions
 
 BASE_METHODS = ("base_profile", "base_noprofile")
 TRAINED_METHODS = METHODS
 ALL_METHODS = BASE_METHODS + TRAINED_METHODS
+# compare's default arms: the peer baselines added later (nextquill, dft) run when named, so a config
+# that relies on the default keeps its arms and cells.
+DEFAULT_METHODS = BASE_METHODS + ("ce", "lossce", "entce", "perce", "jsd", "threshold")
 REFERENCE = "ce"
 # An arm "X+contrast" is method X's model decoded with profile-contrastive decoding
 # (compare's contrast_arm_alpha); base_noprofile has no profile to contrast.
@@ -64,8 +67,7 @@ def variant_of(arm: str) -> str | None:
 
 def uses_clip(method: str) -> bool:
     """Methods whose token weights are clipped to [m, M]; ce ignores the clip grid."""
-    method = train_method(method)
-    return method in TRAINED_METHODS and method != "ce"
+    return train_method(method) in CLIPPED_METHODS
 
 
 def is_base(arm: str) -> bool:
