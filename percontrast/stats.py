@@ -1,5 +1,8 @@
 """Confidence intervals for evaluation results: t-intervals over seeds, a paired bootstrap
-over test examples, and a two-level bootstrap over seeds and test examples.
+over test examples, and a two-level bootstrap over seeds and test examples; and, for a review
+that asks for more (test examples cluster by user, 3-5 seeds), a seed-level t-interval of
+paired differences with its p-value, a user-clustered interval that adds seed and user
+variance, Holm's step-down adjustment and a per-user (macro) mean.
 
 The Student-t quantile is computed here (written before scipy came in with scikit-learn; kept: tested,
 and it keeps this module free of it): the CDF via
@@ -181,6 +184,204 @@ def relative_gain(new: float, base: float) -> float | None:
     """Percent gain of ``new`` over ``base`` (the paper's headline); None when base is 0."""
     return None if base == 0 else 100.0 * (new - base) / base
 
+
+# ---------------------------------------------------------------- intervals over seeds and users
+# The bootstraps above are percentile intervals: over 3-5 seeds they cannot reach past the observed
+# seeds, and resampling test examples one by one treats 40 mails of one sender as 40 independent
+# draws. The functions below use t-quantiles (small-sample correct) and resample nothing: each is a
+# closed formula, so each can be checked by hand.
+
+def t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|) for T ~ Student t(df): I_{df/(df+t^2)}(df/2, 1/2), the regularized incomplete
+    beta function; computed directly, not as 1 - cdf, so that small p-values keep their digits."""
+    if math.isinf(t):
+        return 0.0
+    return _betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def _t_result(diff: float, var: float, df: float | None, level: float) -> dict:
+    """diff +- t_{(1+level)/2, df} sqrt(var) and its two-sided p; a zero variance gives the point and
+    p 0 (1 when diff is 0 too): every seed and user agrees exactly."""
+    se = math.sqrt(var)
+    if se == 0:
+        return {"diff": diff, "lo": diff, "hi": diff, "p": 1.0 if diff == 0 else 0.0, "se": 0.0, "df": df}
+    half = t_ppf((1 + level) / 2, df) * se
+    return {"diff": diff, "lo": diff - half, "hi": diff + half, "p": t_two_sided_p(diff / se, df),
+            "se": se, "df": df}
+
+
+def _check_level(level: float) -> None:
+    if not 0 < level < 1:
+        raise UserError(f"level must be in (0, 1), got {level}")
+
+
+def seed_t_interval(diffs_per_seed, level: float = 0.95) -> dict:
+    """Mean paired difference over training seeds, with a Student-t interval on S - 1 degrees of freedom.
+
+    ``diffs_per_seed``: one value per seed, D_s = the mean over test examples of (A - B) for the
+    models trained with seed s; or a [seeds, examples] table of per-example differences, averaged
+    over the examples first. With D = (1/S) sum_s D_s and s^2 = sum_s (D_s - D)^2 / (S - 1):
+
+        D +- t_{(1+level)/2, S-1} * s / sqrt(S),      p = P(|T_{S-1}| >= |D| / (s / sqrt(S)))
+
+    The test set is held fixed: this is the uncertainty that comes from training seeds ("would
+    other seeds change the result on these test examples?"), not from which users were tested.
+    Unlike a percentile bootstrap over 3 seeds, t_{0.975, 2} = 4.30 reaches past the observed seeds.
+    One seed: no interval and no p-value (None; ``note`` says why). All seeds equal (s = 0): the
+    interval is the point, p is 0 (1 when D = 0).
+    """
+    _check_level(level)
+    d = np.asarray(diffs_per_seed, dtype=float)
+    if d.ndim == 2:
+        d = d.mean(axis=1)
+    if d.ndim != 1 or d.size == 0:
+        raise UserError(f"seed_t_interval: need one value per seed or a [seeds, examples] table, got shape {d.shape}")
+    n = int(d.size)
+    out = {"diff": float(d.mean()), "n_seeds": n, "level": level}
+    if n == 1:
+        return {**out, "lo": None, "hi": None, "p": None, "se": None, "df": None,
+                "note": "one seed: seed variance cannot be estimated, no interval"}
+    return {**out, **_t_result(out["diff"], float(d.var(ddof=1)) / n, n - 1, level), "note": None}
+
+
+def _groups(users, n: int) -> tuple[np.ndarray, int]:
+    """(group index of each example, number of groups) for a list of n user ids."""
+    u = np.asarray(users, dtype=object)
+    if u.shape != (n,):
+        raise UserError(f"need one user id per example: {n} examples, {u.size} user ids")
+    _, inv = np.unique(u.astype(str), return_inverse=True)
+    return inv.reshape(-1), int(inv.max()) + 1
+
+
+def cluster_variance(values, users) -> float:
+    """Cluster-robust variance of the mean of ``values`` whose examples cluster by ``users`` (CR1: the
+    sandwich of an intercept-only regression with the small-sample factor G/(G-1); Stata's
+    (n-1)/(n-k) factor is 1 for one coefficient):
+
+        V = G / (G - 1) * sum_g ( sum_{i in g} (x_i - xbar) )^2 / n^2
+
+    n values from G users. With one value per user it is s^2 / n, the plain variance of a mean;
+    values of one user that move together add their covariances. Needs G >= 2."""
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 1 or x.size == 0:
+        raise UserError(f"cluster_variance: need a non-empty list of values, got shape {x.shape}")
+    inv, g = _groups(users, x.size)
+    if g < 2:
+        raise UserError("cluster_variance: needs examples from at least 2 users")
+    totals = np.bincount(inv, weights=x - x.mean(), minlength=g)
+    return float(g / (g - 1) * (totals ** 2).sum() / x.size ** 2)
+
+
+def user_clustered_interval(diffs, users, level: float = 0.95) -> dict:
+    """Mean paired difference with an interval for new training seeds AND new users.
+
+    ``diffs[s][i]`` is A - B on test example i, both models trained with seed s (shape [S, n]);
+    ``users[i]`` the user (author) of example i, G users. The test examples are the same for every
+    seed (crossed, not nested). The estimate is the grand mean D = mean_{s,i} d_si, the number the
+    bootstrap columns report. Read d_si = mu + a_s + b_i + c_si: a seed effect a_s (variance
+    sigma_a^2), an example effect b_i with any covariance inside a user and none between users, and
+    a seed x example interaction c_si (independent, variance sigma_c^2). Then
+
+        Var(D) = sigma_a^2 / S + Var(mean_i b_i) + sigma_c^2 / (S n)
+
+    and three pieces estimate it without fitting a mixed model (E[.] under that model):
+
+        V_seed = sum_s (D_s - D)^2 / ((S - 1) S)          D_s = mean_i d_si    E = sigma_a^2/S + sigma_c^2/(S n)
+        V_user = cluster_variance(dbar_i, users)            dbar_i = mean_s d_si E = Var(mean b) + sigma_c^2/(S n)
+        V_int  = sum_{s,i} r_si^2 / ((S-1)(n-1)) / (S n)   r_si = d_si - D_s - dbar_i + D   E = sigma_c^2/(S n)
+
+    (V_user is exact in expectation when the users have equally many examples, the usual
+    cluster-robust approximation otherwise; r_si is the two-way ANOVA residual, which the clustering
+    of b_i does not reach). V_seed and V_user each hold the interaction once, so
+
+        V = V_seed + V_user - V_int,     E[V] = Var(D);   df = V^2 / (V_seed^2/(S-1) + V_user^2/(G-1)
+                                                                    + V_int^2/((S-1)(n-1)))  (Welch-Satterthwaite)
+
+    The interval is the widest of three t-intervals around D, and p the largest of their p-values:
+
+        combined:   D +- t_{(1+level)/2, df}  sqrt(V)          (left out when V <= 0)
+        seeds only: D +- t_{(1+level)/2, S-1} sqrt(V_seed)     (= seed_t_interval)
+        users only: D +- t_{(1+level)/2, G-1} sqrt(V_user)
+
+    "Excludes 0" then means each of the three excludes 0 (p is the p-value of that intersection-union
+    test), so the coverage is at least that of whichever one is right: the combined one when its
+    Satterthwaite df holds; the seeds-only one when the seed variance, estimated from 3-5 seeds, is
+    what matters; the users-only one when the subtraction of V_int is off (an interaction that is
+    itself clustered by user, a seed that suits one sender, makes V_int too small for it: V errs
+    wide; within-seed dependence between examples can make it too large). Adding a source of
+    variance never gives a narrower interval than leaving it out. ``width_from`` names the widest.
+
+    One seed: users only, ``seed_level`` False. That is exact for a pair of untrained greedy arms
+    (no seed variance exists); otherwise the seed variance is missing (the caller says so). With
+    one example per user and one seed it is the plain t-interval over examples (stats.t_interval).
+    Fewer than 2 users: no interval (None).
+    """
+    _check_level(level)
+    d = np.asarray(diffs, dtype=float)
+    if d.ndim == 1:
+        d = d[None, :]
+    if d.ndim != 2 or d.size == 0:
+        raise UserError(f"user_clustered_interval: need a non-empty [seeds, examples] table, got shape {d.shape}")
+    n_seeds, n = d.shape
+    _, g = _groups(users, n)
+    grand = float(d.mean())
+    out = {"diff": grand, "n_seeds": int(n_seeds), "n_users": g, "n": int(n), "level": level,
+           "seed_level": n_seeds > 1, "v_seed": None, "v_user": None, "v_int": None, "v_combined": None,
+           "df_combined": None}
+    if g < 2:
+        return {**out, "lo": None, "hi": None, "p": None, "width_from": None}
+    out["v_user"] = v_user = cluster_variance(d.mean(axis=0), users)
+    pieces = []   # (name, variance, df); ties in width go to the first
+    if n_seeds > 1:
+        per_seed = d.mean(axis=1)
+        out["v_seed"] = v_seed = float(per_seed.var(ddof=1)) / n_seeds
+        v_int, den_int = 0.0, 0.0
+        if n > 1:
+            resid = d - per_seed[:, None] - d.mean(axis=0)[None, :] + grand
+            v_int = float((resid ** 2).sum()) / ((n_seeds - 1) * (n - 1)) / (n_seeds * n)
+            den_int = v_int ** 2 / ((n_seeds - 1) * (n - 1))
+        out["v_int"] = v_int
+        v = v_seed + v_user - v_int
+        if v > 0:
+            out["v_combined"] = v
+            out["df_combined"] = v ** 2 / (v_seed ** 2 / (n_seeds - 1) + v_user ** 2 / (g - 1) + den_int)
+            pieces.append(("combined", v, out["df_combined"]))
+        pieces.append(("seeds", v_seed, n_seeds - 1))
+    pieces.append(("users", v_user, g - 1))
+    ivs = [(name, _t_result(grand, v, df, level)) for name, v, df in pieces]
+    name, widest = max(ivs, key=lambda x: x[1]["hi"] - x[1]["lo"])
+    return {**out, "lo": widest["lo"], "hi": widest["hi"], "p": max(iv["p"] for _, iv in ivs), "width_from": name}
+
+
+def holm(pvalues) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the order given. With the m p-values sorted,
+    p_(1) <= ... <= p_(m):
+
+        p~_(k) = min(1, max_{j <= k} (m - j + 1) p_(j))
+
+    Step-down; the running max keeps the adjusted values in the order of the raw ones (monotone).
+    Rejecting every hypothesis with p~ <= alpha keeps the family-wise error rate <= alpha under any
+    dependence between the tests (they share test examples and seeds here)."""
+    p = np.asarray(pvalues, dtype=float)
+    if p.ndim != 1 or np.isnan(p).any() or (p < 0).any() or (p > 1).any():
+        raise UserError(f"holm: need a list of p-values in [0, 1], got {list(pvalues)!r}")
+    m = p.size
+    order = np.argsort(p, kind="mergesort")   # stable: tied p-values get the same adjusted value anyway
+    adj_sorted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    adj = np.empty(m)
+    adj[order] = adj_sorted
+    return adj.tolist()
+
+
+def macro_mean(values, users) -> float:
+    """Per-user (macro) mean: (1/G) sum_g mean_{i in g} x_i. Each user weighs the same however many
+    examples they wrote; for a 0/1 value (an attribution hit) it is the share per user averaged over
+    the users. The plain mean weighs each user by their number of examples."""
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 1 or x.size == 0:
+        raise UserError(f"macro_mean: need a non-empty list of values, got shape {x.shape}")
+    inv, g = _groups(users, x.size)
+    return float((np.bincount(inv, weights=x, minlength=g) / np.bincount(inv, minlength=g)).mean())
 
 # ---------------------------------------------------------------- ranking and thresholds
 # Token classifiers (``percontrast identify``): a score per item, higher = more likely positive.
