@@ -99,6 +99,11 @@ def _growing_layer_class():
                 self._k, self._v = self._k[indices], self._v[indices]
                 self.keys, self.values = self._k[:, :, :self.filled], self._v[:, :, :self.filled]
 
+        def truncate(self, length: int) -> None:
+            """Forget every position from ``length`` on (the next update writes over them)."""
+            self.filled = min(self.filled, length)
+            self.keys, self.values = self._k[:, :, :self.filled], self._v[:, :, :self.filled]
+
     return GrowingLayer
 
 
@@ -120,6 +125,49 @@ def _full_attention_only(model) -> bool:
     """Every cache layer is a plain full-attention one (what ``_prefill_pair`` can merge exactly)."""
     layers = new_cache(model, 1).layers
     return bool(layers) and all(type(layer).__name__ == "GrowingLayer" for layer in layers)
+
+
+AUTO_BATCH_CAP = 64          # batch_size 0: at most this many rows (the decode gain flattens past it on CPU)
+AUTO_BATCH_SHARE = 0.25      # ... within this share of the free memory
+
+
+def free_memory_bytes(device) -> int:
+    """Free memory where the model runs: the GPU's free bytes, or the machine's available RAM (Linux:
+    MemAvailable; elsewhere a conservative 4 GiB)."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def auto_batch_size(model, seq_len: int, logit_positions: int = 1, rows_per_example: int = 1,
+                    free_bytes: int | None = None) -> int:
+    """Examples per batch for ``batch_size`` 0: the most that fit ``AUTO_BATCH_SHARE`` of the free
+    memory, at most ``AUTO_BATCH_CAP``. Per row: the KV cache of ``seq_len`` positions, float32 logits
+    at ``logit_positions`` (x3: the logits, a log-softmax's exp and its result live together), and one
+    layer's widest activations over ``seq_len`` during the prefill (x4 for the MLP's gate, up, product
+    and output). ``rows_per_example``: 2 for contrastive decoding (two prompts per example)."""
+    cfg = model.config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    heads = getattr(cfg, "num_attention_heads", 1)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(cfg, "hidden_size", 1024)
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    layers = getattr(cfg, "num_hidden_layers", 1)
+    width = max(getattr(cfg, "intermediate_size", 0) or 0, hidden)
+    vocab = getattr(cfg, "vocab_size", 50_000)
+    elem = next(model.parameters()).element_size()
+    per_row = (layers * 2 * kv_heads * head_dim * seq_len * elem + 3 * logit_positions * vocab * 4
+               + 4 * seq_len * width * elem) * rows_per_example
+    if free_bytes is None:
+        free_bytes = free_memory_bytes(next(model.parameters()).device)
+    return max(1, min(AUTO_BATCH_CAP, int(AUTO_BATCH_SHARE * free_bytes // per_row)))
 
 
 def _prefill(model, prompts: list[list[int]], pad_id: int, device, new_tokens: int | None = None):
@@ -231,12 +279,20 @@ def _greedy_batch(model, batch: list[list[int]], max_new_tokens: int, eos: set[i
     """Greedy continuation ids (EOS excluded) for one left-padded batch, dropping finished rows; and
     per row whether it ended at an end id."""
     out, att, cache = _prefill(model, batch, pad_id, device, max_new_tokens if preallocate else None)
-    rows = list(range(len(batch)))          # original row of each live batch position
-    result: list[list[int]] = [[] for _ in batch]
-    ended = [False] * len(batch)
-    ban = NGramBan(no_repeat_ngram_size, len(batch)) if no_repeat_ngram_size else None
+    return _greedy_from(model, out.logits[:, -1, :], att, cache, max_new_tokens, eos, device, no_repeat_ngram_size)
+
+
+def _greedy_from(model, last_logits: torch.Tensor, att: torch.Tensor, cache, max_new_tokens: int, eos: set[int],
+                 device, no_repeat_ngram_size: int = 0) -> tuple[list[list[int]], list[bool]]:
+    """The greedy loop after a prefill: ``last_logits`` [B, V] predict each row's first new token,
+    ``att`` / ``cache`` hold the prompts."""
+    B = last_logits.shape[0]
+    rows = list(range(B))          # original row of each live batch position
+    result: list[list[int]] = [[] for _ in range(B)]
+    ended = [False] * B
+    ban = NGramBan(no_repeat_ngram_size, B) if no_repeat_ngram_size else None
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1, :]
+        logits = last_logits if step == 0 else out.logits[:, -1, :]
         if ban is not None:
             logits = ban.mask(logits, rows, result)
         nxt = logits.argmax(-1)
@@ -398,7 +454,9 @@ def generate_from_ids(model, tokenizer, prompts: list[list[int]], options: Decod
     ``ended``, and with ``explain`` (contrastive greedy decoding only) the explain trace (see the
     module docstring). ``preallocate=False`` decodes with transformers' concatenating KV cache (the
     benchmarks' "before" path; same tokens)."""
-    batch_size = batch_size or options.batch_size
+    batch_size = batch_size or options.batch_size or auto_batch_size(
+        model, max((len(p) for p in prompts), default=1) + options.max_new_tokens,
+        rows_per_example=2 if options.contrastive else 1)
     if options.contrastive and (contrast_prompts is None or len(contrast_prompts) != len(prompts)):
         raise ValueError("contrast_alpha > 0 needs one contrast prompt per prompt")
     if explain and (not options.contrastive or options.do_sample or info is None):
@@ -445,6 +503,95 @@ def generate_from_ids(model, tokenizer, prompts: list[list[int]], options: Decod
     if return_ids:
         return gen  # type: ignore[return-value]
     return [tokenizer.decode(g, skip_special_tokens=True).strip() for g in gen]  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def generate_and_score(model, tokenizer, encoded: list[dict], options: DecodingOptions, batch_size: int | None = None,
+                       progress: bool = True, info: list | None = None) -> tuple[list[list[int]], list[dict]]:
+    """Greedy generations AND the gold responses' per-token log-probs from ONE prefill per prompt.
+
+    ``encoded``: ``PromptBuilder.encode`` results WITH the gold response. An evaluation cell needs both
+    the model's generation from the with-profile prompt and its log-probs of the gold response after
+    that same prompt (likelihood metrics, PIR); computed apart, the prompt runs through the model
+    twice. Here each batch's prompts are prefilled once into the in-place KV cache; the gold
+    responses (right-padded, masked) are fed on top of it, which gives the with-profile log-probs and
+    entropy exactly as ``scoring.score_batch`` computes them (the logits of a token after a cached
+    prefix equal those of one full forward, up to float rounding); the cache is then cut back to the
+    prompt and greedy decoding continues from the prefill's last logits. The profile-free pass runs
+    as in ``score_batch`` (``counterfactual_logp``: another prompt, nothing to share).
+
+    Returns (generated ids per example, EOS excluded; per example ``logp_with``, ``logp_without``,
+    ``entropy`` tensors [n] over the gold tokens), in input order; ``info`` as ``generate_from_ids``. Plain
+    greedy decoding only, on models whose cache layers are all full attention (``shares_prefill``)."""
+    from .encoding import PairedCollator
+    from .pir import token_entropy, token_logprobs
+    from .scoring import counterfactual_logp
+
+    if not shares_prefill(model, options):
+        raise ValueError("generate_and_score: plain greedy decoding on a full-attention model only")
+    from tqdm.auto import tqdm
+
+    batch_size = batch_size or options.batch_size or auto_batch_size(
+        model, max((len(e["prompt_with"]) for e in encoded), default=1)
+        + max(options.max_new_tokens, max((len(e["response"]) for e in encoded), default=1)),
+        logit_positions=max((len(e["response"]) for e in encoded), default=1))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    eos = end_ids(model, tokenizer)
+    collate = PairedCollator(pad_id)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["prompt_with"]))
+    gen: list = [None] * len(encoded)
+    ends: list = [False] * len(encoded)
+    scores: list = [None] * len(encoded)
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="generating + scoring", disable=not progress,
+                          leave=False):
+            idx = order[start:start + batch_size]
+            resp = [encoded[i]["response"] for i in idx]
+            R = max(len(r) for r in resp)
+            out, att, cache = _prefill(model, [encoded[i]["prompt_with"] for i in idx], pad_id, device,
+                                       max(R, options.max_new_tokens))
+            L = att.shape[1]
+            gold = torch.full((len(idx), R), pad_id, dtype=torch.long, device=device)
+            gmask = torch.zeros((len(idx), R), dtype=torch.long, device=device)
+            for b, r in enumerate(resp):
+                gold[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+                gmask[b, : len(r)] = 1
+            last = out.logits[:, -1, :]
+            if R > 1:   # gold token j+1 is predicted at gold position j; token 1 by the prompt's last position
+                pos = att.sum(-1, keepdim=True) + torch.arange(R - 1, device=device)[None]
+                g = model(input_ids=gold[:, :-1], attention_mask=torch.cat([att, gmask[:, :-1]], 1),
+                          position_ids=pos, cache=cache, use_cache=True)
+                logits = torch.cat([last[:, None], g.logits], 1)      # [B, R, V]
+                del g
+            else:
+                logits = last[:, None]
+            logp_with, entropy = token_logprobs(logits, gold), token_entropy(logits)
+            del logits
+            for layer in cache.layers:
+                layer.truncate(L)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([encoded[i] for i in idx]).items()}
+            logp_without = counterfactual_logp(model, batch)
+            res, end = _greedy_from(model, last, att, cache, options.max_new_tokens, eos, device,
+                                    options.no_repeat_ngram_size)
+            for b, i in enumerate(idx):
+                n = len(resp[b])
+                gen[i], ends[i] = res[b], end[b]
+                scores[i] = {"logp_with": logp_with[b, :n], "logp_without": logp_without[b, :n],
+                             "entropy": entropy[b, :n]}
+    finally:
+        if was_training:
+            model.train()
+    if info is not None:
+        info.extend({"new_tokens": len(g), "ended": e} for g, e in zip(gen, ends))
+    return gen, scores
+
+
+def shares_prefill(model, options: DecodingOptions) -> bool:
+    """Whether ``generate_and_score`` can serve these options on this model."""
+    return options.plain_greedy and not options.contrastive and _full_attention_only(model)
 
 
 def generate_records(model, tokenizer, records: list[dict], builder, options: DecodingOptions, *,

@@ -42,7 +42,21 @@ def machine() -> str:
             return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
     except ImportError:
         pass
-    return f"CPU {platform.machine()}, {os.cpu_count()} cores"
+    return f"CPU {cpu_name() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def cpu_name() -> str | None:
+    """The processor's model name (Linux /proc/cpuinfo) and whether it has AVX-512 / AMX: timings on
+    these machines differ by CPU kind, so result files say which one ran."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return None
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    isa = "AMX" if "amx_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    return f"{name} ({isa})" if name and isa else name
 
 
 def run_info(cfg=None) -> dict:

@@ -644,3 +644,19 @@ def test_study_decoding_trains_the_compare_cell_then_decodes(tmp_path, monkeypat
     with pytest.raises(SystemExit, match="2 \\(learning rate, clip\\) settings"):
         mod.main(["--train-from", str(grid), "--arm", "ce", *common])
     assert len(seen) == 1      # nothing trained for a refused arm or config
+
+
+def test_options_added_later_keep_earlier_cells_hashes():
+    """A training option added after cells existed (group_by_length) enters a cell's definition only when
+    set away from its default: the study's finished cells, computed before it existed, keep their hashes
+    (without this, `compare --summarize-only` refused every shipped cell), and turning it on is a change."""
+    cfg = C.CompareConfig(model="tiny-random", data="builtin:sample-train", test_data="builtin:sample-test",
+                          task="email", methods=["base_profile", "ce", "perce"], seeds=[0])
+    es = cfg.eval_sets_resolved()[0]
+    digests = {es["name"]: "x", C.TRAIN_RECORDS: "y"}
+    setting = cfg.settings()[0]
+    plain = C.cell_definition(cfg, "perce", 0, setting, es, digests)
+    assert "group_by_length" not in plain["train"]["config"]
+    cfg.train = {**(cfg.train or {}), "group_by_length": True}
+    grouped = C.cell_definition(cfg, "perce", 0, setting, es, digests)
+    assert grouped["train"]["config"]["group_by_length"] is True and C.digest(grouped) != C.digest(plain)

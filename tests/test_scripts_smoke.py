@@ -25,7 +25,7 @@ SMOKE: dict[str, tuple[list[str], str] | str] = {
         ["--model", "tiny-random", "--reps", "1", "--max-new-tokens", "4", "--n", "4", "--out", "{tmp}/gt.md"],
         "gt.md"),
     "benchmarks/eval_cell.py": (
-        ["--model", "tiny-random", "--limit", "6", "--max-new-tokens", "4", "--batch-after", "4",
+        ["--model", "tiny-random", "--limit", "6", "--max-new-tokens", "4",
          "--data", "builtin:sample-test", "--out", "{tmp}/ec"], "ec.md"),
     "benchmarks/contrast_cost.py": (
         ["--model", "tiny-random", "--reps", "1", "--max-new-tokens", "4", "--out", "{tmp}/cc.md"], "cc.md"),

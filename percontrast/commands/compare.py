@@ -46,9 +46,9 @@ from ..errors import UserError
 from ..files import write_text_atomic
 from ..metrics import DEFAULT_METRICS, check_metrics
 from ..options import DecodingOptions, JudgeOptions, ModelDataOptions
-from .compare_report import (ALL_METHODS, BASE_METHODS, CONTRAST_SUFFIX, REFERENCE, TRAINED_METHODS,
-                             VARIANT_SEP, is_base, model_method, plot, plot_curves, render_markdown, report_metrics,
-                             summarize, train_method, uses_clip, variant_of)
+from .compare_report import (ALL_METHODS, BASE_METHODS, CONTRAST_SUFFIX, DEFAULT_METHODS, REFERENCE,
+                             TRAINED_METHODS, VARIANT_SEP, is_base, model_method, plot, plot_curves, render_markdown,
+                             report_metrics, summarize, train_method, uses_clip, variant_of)
 
 # TrainConfig fields that compare owns (set per cell or shared from the top level)
 _OWNED = {"method", "seed", "learning_rate", "clip_min", "clip_max", "output_dir", "resume", "overwrite",
@@ -57,7 +57,7 @@ _OWNED = {"method", "seed", "learning_rate", "clip_min", "clip_max", "output_dir
 
 @dataclass
 class CompareConfig(JudgeOptions, ModelDataOptions, DecodingOptions):   # judge flags listed last
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS),
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS),
                                help="Methods to compare: " + ", ".join(ALL_METHODS) + "; X+contrast (e.g. "
                                "perce+contrast, base_profile+contrast): X's model decoded with profile-contrastive "
                                "decoding at --contrast-arm-alpha, a separate arm on the same trained model; "
@@ -241,6 +241,9 @@ _NOT_DEFINING_TRAIN = {"output_dir", "resume", "overwrite", "progress", "logging
                        "save_total_limit", "fast", "report"}
 _NOT_DEFINING_SHARED = {"data", "limit", "trust_remote_code"}
 _CLIP_FIELDS = {"clip_min", "clip_max", "allow_negative_clip"}
+# Training options added after cells existed: in a cell's definition only when set away from the
+# default they were added with, so that every earlier cell keeps its hash (its run had that default).
+_LATER_TRAIN_DEFAULTS = {"group_by_length": False}
 TRAIN_RECORDS = "__train__"  # key of the training records in the digests
 
 
@@ -270,7 +273,8 @@ def cell_definition(cfg: CompareConfig, method: str, seed: int, setting: dict | 
                                                                           else _CLIP_FIELDS)
         skip |= {"threshold_margin"} if train_method(method) != "threshold" else set()
         d["train"] = {"records_sha256": digests[TRAIN_RECORDS],
-                      "config": {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in skip}}
+                      "config": {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in skip
+                                 and not (k in _LATER_TRAIN_DEFAULTS and v == _LATER_TRAIN_DEFAULTS[k])}}
     if judge is not None:
         d["judge"] = judge
     return d
@@ -495,6 +499,29 @@ def _generate(model, tok, recs, es: dict, cfg: CompareConfig, arm: str, seed: in
     return texts, stats.counts(), info
 
 
+def _shares_prefill(model, cfg: CompareConfig, arm: str) -> bool:
+    """A cell whose generation and likelihood can come from one prefill per prompt: greedy decoding
+    from the with-profile prompt (the prompt the likelihood pass scores the gold after)."""
+    from ..generation import shares_prefill
+    return train_method(arm) != "base_noprofile" and shares_prefill(model, arm_decoding(cfg, arm))
+
+
+def _generate_and_score(model, tok, recs, es: dict, cfg: CompareConfig, arm: str) -> tuple[list[str], dict, list, list]:
+    """``_generate`` and ``_likelihood_rows`` of one cell in one pass (``score.generate_and_score_records``):
+    the same prompts, predictions and rows, each prompt prefilled once instead of twice."""
+    from ..encoding import EncodeStats
+    from .score import generate_and_score_records
+
+    builder = cfg.prompt_builder(tok, es["task"])
+    builder.stats = EncodeStats()
+    info: list = []
+    options = arm_decoding(cfg, arm)
+    texts, rows = generate_and_score_records(model, tok, recs, builder, options, batch_size=options.batch_size,
+                                             progress=cfg.progress, info=info)
+    builder.stats.warn()
+    return texts, builder.stats.counts(), info, rows
+
+
 def _likelihood_rows(model, tok, recs, es: dict, cfg: CompareConfig) -> list[dict]:
     """Per-token log-probs and PIR of the gold responses (``percontrast score``'s rows)."""
     from .score import score_records
@@ -653,7 +680,10 @@ def run(cfg: CompareConfig) -> dict:
             t1 = time.perf_counter()
             texts, prompt_stats, gen_info = None, None, None
             with PeakMemory() as emem:
-                if cfg.generate:
+                if cfg.generate and cfg.likelihood and es["name"] not in like_rows and _shares_prefill(model, cfg, arm):
+                    texts, prompt_stats, gen_info, like_rows[es["name"]] = _generate_and_score(
+                        model, tok, recs, es, cfg, arm)
+                elif cfg.generate:
                     texts, prompt_stats, gen_info = _generate(model, tok, recs, es, cfg, arm, s)
                 if cfg.likelihood and es["name"] not in like_rows:
                     like_rows[es["name"]] = _likelihood_rows(model, tok, recs, es, cfg)

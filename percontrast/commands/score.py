@@ -162,6 +162,11 @@ def score_records(model, tokenizer, records: list[dict], builder, *, batch_size:
            for i, r in enumerate(records)]
     for i, e in enumerate(enc):
         e["idx"] = i            # the collated batch's ``idx``: record positions, whatever the batch order
+    if not batch_size:   # 0: chosen from memory, like generation's batch_size 0
+        from ..generation import auto_batch_size
+        batch_size = auto_batch_size(
+            model, max((len(e["prompt_with"]) + len(e["response"]) for e in enc), default=1),
+            logit_positions=max((len(e["response"]) for e in enc), default=1))
     order = list(range(len(records)))
     if bucket:
         order.sort(key=lambda i: len(enc[i]["prompt_with"]) + len(enc[i]["response"]))
@@ -174,20 +179,45 @@ def score_records(model, tokenizer, records: list[dict], builder, *, batch_size:
         pir = s.pir
         w = clip_weights(pir, clip_min, clip_max)
         for b, i in enumerate(idx):
-            r, e = records[i], enc[i]
-            n = len(e["response"])
-            row = {
-                "id": r["id"], "input": r["input"], "output": r["output"],
-                "tokens": [tokenizer.decode([t]) for t in e["response"]], "token_ids": e["response"],
-                "pir": pir[b, :n].tolist(), "logp_with": s.logp_with[b, :n].tolist(),
-                "logp_without": s.logp_without[b, :n].tolist(), "entropy": s.entropy[b, :n].tolist(),
-                "weights": w[b, :n].tolist(), "n_profile_items": e["n_profile_items"],
-                "profile_removed": e["profile_removed"], "profile": e["profile_shown"]}
+            n = len(enc[i]["response"])
+            row = score_row(tokenizer, records[i], enc[i], pir[b, :n], s.logp_with[b, :n], s.logp_without[b, :n],
+                            s.entropy[b, :n], w[b, :n])
             if top_k:
                 row["top_with"] = _candidates(tokenizer, *s.top_with, b, n, decoded)
                 row["top_without"] = _candidates(tokenizer, *s.top_without, b, n, decoded)
             results[i] = row
     return results  # type: ignore[return-value]
+
+
+def score_row(tokenizer, record: dict, enc: dict, pir, logp_with, logp_without, entropy, weights) -> dict:
+    """One example's row of ``score_records`` from its per-token tensors [n]."""
+    return {"id": record["id"], "input": record["input"], "output": record["output"],
+            "tokens": [tokenizer.decode([t]) for t in enc["response"]], "token_ids": enc["response"],
+            "pir": pir.tolist(), "logp_with": logp_with.tolist(), "logp_without": logp_without.tolist(),
+            "entropy": entropy.tolist(), "weights": weights.tolist(), "n_profile_items": enc["n_profile_items"],
+            "profile_removed": enc["profile_removed"], "profile": enc["profile_shown"]}
+
+
+def generate_and_score_records(model, tokenizer, records: list[dict], builder, options, *, batch_size: int | None = None,
+                               clip_min: float = 0.8, clip_max: float = 5.0, progress: bool = True,
+                               info: list | None = None) -> tuple[list[str], list[dict]]:
+    """Greedy generations for records with gold responses and ``score_records``' rows of those golds,
+    from one prefill per prompt (``generation.generate_and_score``). The prompts are the ones both
+    ``generate_for`` and ``score_records`` build for such records (the prompt budget is max_length
+    minus the gold length either way)."""
+    from ..generation import generate_and_score
+    from ..losses import clip_weights
+    from ..pir import pir as pir_fn
+
+    enc = [builder.encode(r) for r in records]
+    ids, scores = generate_and_score(model, tokenizer, enc, options, batch_size=batch_size, progress=progress,
+                                     info=info)
+    rows = []
+    for r, e, sc in zip(records, enc, scores):
+        pir = pir_fn(sc["logp_with"], sc["logp_without"])
+        rows.append(score_row(tokenizer, r, e, pir, sc["logp_with"], sc["logp_without"], sc["entropy"],
+                              clip_weights(pir, clip_min, clip_max)))
+    return [tokenizer.decode(g, skip_special_tokens=True).strip() for g in ids], rows
 
 
 def _candidates(tokenizer, probs, ids, b: int, n: int, decoded: dict[int, str]) -> list[list[list]]:
