@@ -29,9 +29,11 @@ instead of ``model.generate``, for speed on small CPUs:
 * prompts are sorted by length, so a batch wastes little padding; outputs come back in
   input order;
 * the prefill computes the LM head for the last position only (``logits_to_keep=1``);
-* a row that has produced EOS is dropped from the batch and its KV cache
-  (``DynamicCache.batch_select_indices``), so the remaining rows stop paying for it;
-  ``model.generate`` keeps computing finished rows until the whole batch is done.
+* rows that have produced EOS are dropped from the batch and its KV cache
+  (``batch_select_indices``) once a quarter of the batch has finished (``COMPACT_SHARE``), so the
+  remaining rows stop paying for them without a cache copy per finished row; ``model.generate``
+  keeps computing finished rows until the whole batch is done;
+* the KV cache is allocated once per batch and written in place (``new_cache``), not concatenated.
 
 Position ids come from the attention mask (each row counts only its real tokens), so a
 left-padded row computes what it would compute alone; ``tests/test_generation.py``
@@ -99,11 +101,6 @@ def _growing_layer_class():
                 self._k, self._v = self._k[indices], self._v[indices]
                 self.keys, self.values = self._k[:, :, :self.filled], self._v[:, :, :self.filled]
 
-        def truncate(self, length: int) -> None:
-            """Forget every position from ``length`` on (the next update writes over them)."""
-            self.filled = min(self.filled, length)
-            self.keys, self.values = self._k[:, :, :self.filled], self._v[:, :, :self.filled]
-
     return GrowingLayer
 
 
@@ -127,6 +124,9 @@ def _full_attention_only(model) -> bool:
     return bool(layers) and all(type(layer).__name__ == "GrowingLayer" for layer in layers)
 
 
+# Finished rows leave the batch (a copy of the KV cache) once at most this share of its rows is live;
+# until then they ride along: one copy per quarter of the batch instead of one per finished row.
+COMPACT_SHARE = 0.75
 AUTO_BATCH_CAP = 64          # batch_size 0: at most this many rows (the decode gain flattens past it on CPU)
 AUTO_BATCH_SHARE = 0.25      # ... within this share of the free memory
 
@@ -234,6 +234,8 @@ class NGramBan:
         """``scores`` [len(rows), V] with each live row's banned tokens at -inf (a copy when any is)."""
         js, toks = [], []
         for j, r in enumerate(rows):
+            if r < 0:          # a finished row still in the batch
+                continue
             b = self.banned(r, result[r])
             js += [j] * len(b)
             toks += sorted(b)
@@ -261,9 +263,11 @@ def _ngram_processor(n: int, prompt_len: int):
 def _append(nxt: torch.Tensor, rows: list[int], result: list[list[int]], eos: set[int], ended: list[bool],
             ban: NGramBan | None = None) -> list[int]:
     """Append each live row's new token to its result (an end id marks the row ended instead); the batch
-    positions that go on."""
+    positions that go on. A position whose row is -1 finished earlier and is skipped."""
     keep = []
     for j, tok in enumerate(nxt.tolist()):
+        if rows[j] < 0:
+            continue
         if tok in eos:
             ended[rows[j]] = True
             continue
@@ -299,11 +303,14 @@ def _greedy_from(model, last_logits: torch.Tensor, att: torch.Tensor, cache, max
         keep = _append(nxt, rows, result, eos, ended, ban)
         if not keep or step == max_new_tokens - 1:
             break
-        if len(keep) < len(rows):  # drop finished rows from the batch and the cache
+        if len(keep) <= COMPACT_SHARE * len(rows):  # drop finished rows from the batch and the cache
             sel = torch.tensor(keep, device=device)
             cache.batch_select_indices(sel)
             att, nxt = att[sel], nxt[sel]
             rows = [rows[j] for j in keep]
+        else:   # few finished: they ride along (their tokens are ignored) until compacting pays
+            live = set(keep)
+            rows = [r if j in live else -1 for j, r in enumerate(rows)]
         att = torch.cat([att, att.new_ones((len(rows), 1))], dim=1)
         pos = att.sum(-1, keepdim=True) - 1
         out = model(input_ids=nxt[:, None], attention_mask=att, position_ids=pos, cache=cache, use_cache=True)
@@ -507,22 +514,28 @@ def generate_from_ids(model, tokenizer, prompts: list[list[int]], options: Decod
 
 @torch.no_grad()
 def generate_and_score(model, tokenizer, encoded: list[dict], options: DecodingOptions, batch_size: int | None = None,
-                       progress: bool = True, info: list | None = None) -> tuple[list[list[int]], list[dict]]:
-    """Greedy generations AND the gold responses' per-token log-probs from ONE prefill per prompt.
+                       progress: bool = True, info: list | None = None,
+                       score_batch_size: int | None = None) -> tuple[list[list[int]], list[dict]]:
+    """Greedy generations AND the gold responses' per-token log-probs, each with-profile prompt
+    prefilled ONCE.
 
-    ``encoded``: ``PromptBuilder.encode`` results WITH the gold response. An evaluation cell needs both
-    the model's generation from the with-profile prompt and its log-probs of the gold response after
-    that same prompt (likelihood metrics, PIR); computed apart, the prompt runs through the model
-    twice. Here each batch's prompts are prefilled once into the in-place KV cache; the gold
-    responses (right-padded, masked) are fed on top of it, which gives the with-profile log-probs and
-    entropy exactly as ``scoring.score_batch`` computes them (the logits of a token after a cached
-    prefix equal those of one full forward, up to float rounding); the cache is then cut back to the
-    prompt and greedy decoding continues from the prefill's last logits. The profile-free pass runs
-    as in ``score_batch`` (``counterfactual_logp``: another prompt, nothing to share).
+    ``encoded``: ``PromptBuilder.encode`` results WITH the gold response. An evaluation cell needs the
+    model's generation from the with-profile prompt and its log-probs of the gold response after that
+    same prompt (likelihood metrics, PIR); computed apart, every prompt runs through the model twice.
+    Here each generation batch (sorted by prompt length) is prefilled once into the in-place KV cache.
+    The gold responses are then scored on copies of that cache, in sub-batches of rows with similar
+    response length (prompt and response lengths are anti-correlated in the study's data, so one
+    right-padded gold batch per generation batch would be mostly padding); the logits of a token after
+    a cached prefix equal those of one full forward up to float rounding, so this gives
+    ``scoring.score_batch``'s with-profile log-probs and entropy. Greedy decoding then continues from
+    the prefill's last logits on the untouched cache. The profile-free pass (``counterfactual_logp``:
+    another prompt, nothing to share) runs apart, in batches bucketed by its own length.
 
+    ``batch_size`` (default the options'; 0: from memory) is the generation batch, ``score_batch_size``
+    (default: the same when fixed, else from memory for the logits) the gold and profile-free batches.
     Returns (generated ids per example, EOS excluded; per example ``logp_with``, ``logp_without``,
-    ``entropy`` tensors [n] over the gold tokens), in input order; ``info`` as ``generate_from_ids``. Plain
-    greedy decoding only, on models whose cache layers are all full attention (``shares_prefill``)."""
+    ``entropy`` tensors [n] over the gold tokens), in input order; ``info`` as ``generate_from_ids``.
+    Plain greedy decoding only, on models whose cache layers are all full attention (``shares_prefill``)."""
     from .encoding import PairedCollator
     from .pir import token_entropy, token_logprobs
     from .scoring import counterfactual_logp
@@ -531,62 +544,87 @@ def generate_and_score(model, tokenizer, encoded: list[dict], options: DecodingO
         raise ValueError("generate_and_score: plain greedy decoding on a full-attention model only")
     from tqdm.auto import tqdm
 
-    batch_size = batch_size or options.batch_size or auto_batch_size(
-        model, max((len(e["prompt_with"]) for e in encoded), default=1)
-        + max(options.max_new_tokens, max((len(e["response"]) for e in encoded), default=1)),
-        logit_positions=max((len(e["response"]) for e in encoded), default=1))
+    if not encoded:
+        return [], []
+    longest_prompt = max(len(e["prompt_with"]) for e in encoded)
+    longest_gold = max(len(e["response"]) for e in encoded)
+    fixed = batch_size or options.batch_size
+    batch_size = fixed or auto_batch_size(model, longest_prompt + options.max_new_tokens)
+    score_batch_size = score_batch_size or fixed or auto_batch_size(
+        model, longest_prompt + longest_gold, logit_positions=longest_gold)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     eos = end_ids(model, tokenizer)
-    collate = PairedCollator(pad_id)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["prompt_with"]))
     gen: list = [None] * len(encoded)
     ends: list = [False] * len(encoded)
-    scores: list = [None] * len(encoded)
+    logp_with: list = [None] * len(encoded)
+    entropy: list = [None] * len(encoded)
+    logp_without: list = [None] * len(encoded)
     try:
         for start in tqdm(range(0, len(order), batch_size), desc="generating + scoring", disable=not progress,
                           leave=False):
             idx = order[start:start + batch_size]
-            resp = [encoded[i]["response"] for i in idx]
-            R = max(len(r) for r in resp)
             out, att, cache = _prefill(model, [encoded[i]["prompt_with"] for i in idx], pad_id, device,
-                                       max(R, options.max_new_tokens))
-            L = att.shape[1]
-            gold = torch.full((len(idx), R), pad_id, dtype=torch.long, device=device)
-            gmask = torch.zeros((len(idx), R), dtype=torch.long, device=device)
-            for b, r in enumerate(resp):
-                gold[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-                gmask[b, : len(r)] = 1
+                                       options.max_new_tokens)
             last = out.logits[:, -1, :]
-            if R > 1:   # gold token j+1 is predicted at gold position j; token 1 by the prompt's last position
-                pos = att.sum(-1, keepdim=True) + torch.arange(R - 1, device=device)[None]
-                g = model(input_ids=gold[:, :-1], attention_mask=torch.cat([att, gmask[:, :-1]], 1),
-                          position_ids=pos, cache=cache, use_cache=True)
-                logits = torch.cat([last[:, None], g.logits], 1)      # [B, R, V]
-                del g
-            else:
-                logits = last[:, None]
-            logp_with, entropy = token_logprobs(logits, gold), token_entropy(logits)
-            del logits
-            for layer in cache.layers:
-                layer.truncate(L)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([encoded[i] for i in idx]).items()}
-            logp_without = counterfactual_logp(model, batch)
+            by_gold = sorted(range(len(idx)), key=lambda b: -len(encoded[idx[b]]["response"]))
+            for s0 in range(0, len(by_gold), score_batch_size):
+                rows = by_gold[s0:s0 + score_batch_size]
+                lw, ent = _score_gold_on_cache(model, cache, att, last, [encoded[idx[b]]["response"] for b in rows],
+                                               rows, pad_id, device, token_logprobs, token_entropy)
+                for j, b in enumerate(rows):
+                    n = len(encoded[idx[b]]["response"])
+                    logp_with[idx[b]], entropy[idx[b]] = lw[j, :n], ent[j, :n]
             res, end = _greedy_from(model, last, att, cache, options.max_new_tokens, eos, device,
                                     options.no_repeat_ngram_size)
             for b, i in enumerate(idx):
-                n = len(resp[b])
                 gen[i], ends[i] = res[b], end[b]
-                scores[i] = {"logp_with": logp_with[b, :n], "logp_without": logp_without[b, :n],
-                             "entropy": entropy[b, :n]}
+            del out, cache
+        collate = PairedCollator(pad_id)
+        by_cf = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i]["prompt_without"]) + len(encoded[i]["response"])))
+        for s0 in range(0, len(by_cf), score_batch_size):
+            idx = by_cf[s0:s0 + score_batch_size]
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([encoded[i] for i in idx]).items()}
+            lo = counterfactual_logp(model, batch)
+            for b, i in enumerate(idx):
+                logp_without[i] = lo[b, : len(encoded[i]["response"])]
     finally:
         if was_training:
             model.train()
     if info is not None:
         info.extend({"new_tokens": len(g), "ended": e} for g, e in zip(gen, ends))
+    scores = [{"logp_with": w, "logp_without": wo, "entropy": h} for w, wo, h in zip(logp_with, logp_without, entropy)]
     return gen, scores
+
+
+def _score_gold_on_cache(model, cache, att, last, golds: list[list[int]], rows: list[int], pad_id: int, device,
+                         token_logprobs, token_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+    """With-profile log-probs and entropy [len(rows), R] of the gold responses of batch ``rows``, fed on
+    a copy of those rows' prompt cache (the prompt is not run again; the original cache is untouched)."""
+    R = max(len(g) for g in golds)
+    sel = torch.tensor(rows, device=device)
+    a = att[sel]
+    last = last[sel]
+    gold = torch.full((len(rows), R), pad_id, dtype=torch.long, device=device)
+    gmask = torch.zeros((len(rows), R), dtype=torch.long, device=device)
+    for j, g in enumerate(golds):
+        gold[j, : len(g)] = torch.tensor(g, dtype=torch.long)
+        gmask[j, : len(g)] = 1
+    if R > 1:   # gold token j+1 is predicted at gold position j; token 1 by the prompt's last position
+        fork = new_cache(model, a.shape[1] + R)
+        for li, layer in enumerate(cache.layers):
+            fork.update(layer.keys[sel], layer.values[sel], li)
+        pos = a.sum(-1, keepdim=True) + torch.arange(R - 1, device=device)[None]
+        g = model(input_ids=gold[:, :-1], attention_mask=torch.cat([a, gmask[:, :-1]], 1), position_ids=pos,
+                  cache=fork, use_cache=True)
+        logits = torch.cat([last[:, None], g.logits], 1)      # [rows, R, V]
+        del g, fork
+    else:
+        logits = last[:, None]
+    return token_logprobs(logits, gold), token_entropy(logits)
 
 
 def shares_prefill(model, options: DecodingOptions) -> bool:
