@@ -11,7 +11,8 @@ study's data and decoding (email, k 1, max_length 256, greedy with the 3-gram ba
 
   before  what a cell ran until 2026-12-03: generation batches of 16 with transformers' concatenating KV
           cache (``preallocate=False``), then the likelihood pass over the gold responses, batches of 16 in
-          record order (``bucket=False``): every with-profile prompt runs through the model twice;
+          record order (``bucket=False``): every with-profile prompt runs through the model twice (the
+          rule for dropping finished rows from a batch is today's on both paths);
   after   what compare runs now (``score.generate_and_score_records``): each with-profile prompt is
           prefilled once into the in-place KV cache, the gold response is scored on top of it, the cache is
           cut back and decoding continues; batches of ``--batch-after`` (0, the default: chosen from memory).
@@ -148,8 +149,10 @@ def main() -> None:
     diff = max((abs(x - y) for ra, rb in zip(outputs["before"]["rows"], outputs["after"]["rows"])
                 for k in ("logp_with", "logp_without") for x, y in zip(ra[k], rb[k])), default=0.0)
     new_tokens = {name: sum(i["new_tokens"] for i in o["info"]) for name, o in outputs.items()}
-    batch_after = args.batch_after or auto_batch_size(
-        model, max(len(p) for p in prompts) + max(args.max_new_tokens, gold_lens[-1]), logit_positions=gold_lens[-1])
+    # the batch sizes generate_and_score resolves for batch_size 0 (generation: the KV cache; scoring: the logits)
+    batch_after = args.batch_after or auto_batch_size(model, max(len(p) for p in prompts) + args.max_new_tokens)
+    score_after = args.batch_after or auto_batch_size(
+        model, max(len(p) for p in prompts) + gold_lens[-1], logit_positions=gold_lens[-1])
     info = run_info()
     res = {"command": "benchmarks/eval_cell.py " + " ".join(sys.argv[1:]), "machine": info["machine"],
            "date": info["date"], "git_commit": info.get("git_commit"), "torch_threads": torch.get_num_threads(),
@@ -158,7 +161,7 @@ def main() -> None:
            "text_side_seconds": post, "new_tokens": new_tokens, "identical_generations": sum(same),
            "max_abs_logp_difference": diff,
            "gold_tokens": {"median": gold_lens[len(gold_lens) // 2], "p95": gold_lens[int(0.95 * (len(gold_lens) - 1))]},
-           "batch_after_resolved": batch_after, "speedup_cell": b["cell total"] / a["cell total"],
+           "batch_after_resolved": {"generation": batch_after, "scoring": score_after}, "speedup_cell": b["cell total"] / a["cell total"],
            "speedup_model": b["model total"] / a["model total"]}
     lines = [f"# Evaluation cell: where the seconds go ({args.model})", "",
              f"Command: `.venv/bin/python {res['command']}`", "",
@@ -168,9 +171,11 @@ def main() -> None:
              f"median, {res['gold_tokens']['p95']} at the 95th percentile; max_new_tokens {args.max_new_tokens}, "
              f"greedy with the 3-gram ban; {args.reps} round(s), median seconds.", "",
              f"- before (the code until 2026-12-03): batch {args.batch_before}, transformers' concatenating KV cache, "
-             "generation and likelihood as two passes (the prompt prefilled twice), likelihood batches in record order",
-             f"- after (compare's cells now): batch {batch_after} ({'from memory, batch_size 0' if not args.batch_after else 'fixed'}), "
-             "in-place KV cache, one prefill per prompt for generation and the gold likelihood", "",
+             "generation and likelihood as two passes (the prompt prefilled twice), likelihood batches in record order "
+             "(finished rows leave the batch by the current rule, a quarter at a time, on both paths)",
+             f"- after (compare's cells now): generation batch {batch_after}, scoring batch {score_after} "
+             f"({'from memory, batch_size 0' if not args.batch_after else 'fixed'}), in-place KV cache, one prefill "
+             "per prompt for generation and the gold likelihood", "",
              "| phase | before (s) | after (s) | before / after |", "|---|---|---|---|",
              f"| prefill alone (1 new token; inside generation) | {b['prefill']:.1f} | {a['prefill']:.1f} | "
              f"{b['prefill'] / a['prefill']:.2f}x |",
