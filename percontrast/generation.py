@@ -50,6 +50,7 @@ import math
 import torch
 
 from .options import DecodingOptions  # noqa: F401  (the decoding options; re-exported for callers)
+from .pir import token_entropy, token_logprobs
 
 
 def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -537,7 +538,6 @@ def generate_and_score(model, tokenizer, encoded: list[dict], options: DecodingO
     ``entropy`` tensors [n] over the gold tokens), in input order; ``info`` as ``generate_from_ids``.
     Plain greedy decoding only, on models whose cache layers are all full attention (``shares_prefill``)."""
     from .encoding import PairedCollator
-    from .pir import token_entropy, token_logprobs
     from .scoring import counterfactual_logp
 
     if not shares_prefill(model, options):
@@ -574,7 +574,7 @@ def generate_and_score(model, tokenizer, encoded: list[dict], options: DecodingO
             for s0 in range(0, len(by_gold), score_batch_size):
                 rows = by_gold[s0:s0 + score_batch_size]
                 lw, ent = _score_gold_on_cache(model, cache, att, last, [encoded[idx[b]]["response"] for b in rows],
-                                               rows, pad_id, device, token_logprobs, token_entropy)
+                                               rows, pad_id, device)
                 for j, b in enumerate(rows):
                     n = len(encoded[idx[b]]["response"])
                     logp_with[idx[b]], entropy[idx[b]] = lw[j, :n], ent[j, :n]
@@ -600,8 +600,8 @@ def generate_and_score(model, tokenizer, encoded: list[dict], options: DecodingO
     return gen, scores
 
 
-def _score_gold_on_cache(model, cache, att, last, golds: list[list[int]], rows: list[int], pad_id: int, device,
-                         token_logprobs, token_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+def _score_gold_on_cache(model, cache, att, last, golds: list[list[int]], rows: list[int], pad_id: int,
+                         device) -> tuple[torch.Tensor, torch.Tensor]:
     """With-profile log-probs and entropy [len(rows), R] of the gold responses of batch ``rows``, fed on
     a copy of those rows' prompt cache (the prompt is not run again; the original cache is untouched)."""
     R = max(len(g) for g in golds)

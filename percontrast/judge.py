@@ -31,6 +31,7 @@ carries ``NOT_A_JUDGE_NOTE``.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -276,7 +277,8 @@ class ServerJudge:
                 hint = f" (API key from ${self.api_key_env}{' is not set' if not key else ''})" \
                     if e.code in (401, 403) else ""
                 raise UserError(f"judge server {url}: HTTP {e.code}{hint}: {detail[:200]}") from None
-            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as e:
+            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError,
+                    http.client.HTTPException) as e:   # e.g. a port that does not speak HTTP
                 reason = getattr(e, "reason", e)
                 last = f"{type(reason).__name__}: {reason}" if not isinstance(reason, str) else reason
                 continue

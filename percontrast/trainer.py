@@ -156,7 +156,7 @@ class PerCELossMixin:
     def _signal_logits(self, model, inputs, logp: torch.Tensor, logits: torch.Tensor):
         """(log-probs [B, R], logits [B, R, V]) with the profile, detached, as the weights must see
         them: from the training forward, or from a no-grad eval-mode forward when it had dropout."""
-        if not self.signal_needs_eval_pass:
+        if not (self.signal_needs_eval_pass and model.training):   # an eval-mode forward saw no dropout already
             return logp.detach(), logits.detach()
         with torch.no_grad(), eval_mode(model):
             if self.perce.fast:
@@ -200,7 +200,7 @@ class PerCELossMixin:
         diff_logp = token_logprobs(upcast(logits) - upcast(cf_logits), targets)
 
         def fresh() -> torch.Tensor:
-            if self.signal_needs_eval_pass:   # weights never see dropout: the eval-mode E-step
+            if self.signal_needs_eval_pass and model.training:   # weights never see dropout: the eval-mode E-step
                 return probability_gain(self._signal_logits(model, inputs, logp, logits)[0],
                                         self._cf_logp(model, inputs))
             # No dropout: train and eval mode compute the same, so the auxiliary forward is the E-step's.
@@ -309,7 +309,7 @@ class PerCELossMixin:
             return
         signal = {"perce": extra.get("pir"), "lossce": extra.get("token_loss"), "entce": extra.get("entropy"),
                   "threshold": extra.get("pir"), "jsd": extra.get("jsd"), "nextquill": extra.get("prob_gain"),
-                  "dft": logp.exp()}.get(p.method)
+                  "dft": logp.exp() if p.method == "dft" else None}.get(p.method)
         if signal is None:
             self._perce_metrics["mean_weight"].append(1.0)
             return

@@ -40,7 +40,8 @@ DEFAULT_PAIRS = ["ce - base_profile", "perce - base_profile", "perce - ce", "bas
                  # a clip ablation (email-clip.yaml): a method run at several clips is named "perce[0:5]" etc.
                  "perce[0:5] - perce[0.8:5]", "perce[1:5] - perce[0.8:5]", "perce[0:5] - ce", "perce[1:5] - ce",
                  "perce[0.8:5] - ce"]
-SCALED = {"rouge1", "rouge2", "rougeL", "rougeLsum", "meteor", "attributed", "hit_cap", "loop"}
+# shown x100, as compare's tables show them (compare_report: every metric but the likelihood ones and judge)
+SCALED = {"rouge1", "rouge2", "rougeL", "rougeLsum", "meteor", "attributed", "hit_cap", "loop", "judge_mass"}
 
 
 def main(argv=None) -> None:
@@ -200,7 +201,11 @@ def _user_ids(run: Path, cells: list[dict], eval_set: str, records: str | None) 
     ``--records`` is taken as given: only 'id' and 'user_id' are read."""
     if records is not None:
         from percontrast.data import read_rows
-        rows, source = read_rows(records), records
+        from percontrast.errors import UserError
+        try:
+            rows, source = read_rows(records), records
+        except UserError as e:   # one line, as the CLI prints a user mistake
+            raise SystemExit(f"error: {e}") from None
     else:
         spec = _eval_set_spec(run, eval_set)
         if spec is None:

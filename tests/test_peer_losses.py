@@ -40,7 +40,10 @@ def test_nextquill_weights_are_two_level_around_a_probability_margin():
     p_with = torch.tensor([[0.60, 0.52, 0.20, 0.001]], dtype=torch.float64)
     p_without = torch.tensor([[0.50, 0.50, 0.50, 0.0001]], dtype=torch.float64)
     gain = probability_gain(p_with.log(), p_without.log())
-    assert torch.allclose(gain, p_with - p_without, rtol=0, atol=4 * U64)   # exp(log p) is p to ~2 roundings
+    # exp(log p) = p(1 + d) with |d| <= (|ln p| + 1) u (log and exp each round once, the log's error is
+    # amplified by exp): for p in [1e-4, 0.6] each p's error is below p (|ln p| + 1) u <= 1.0 u, two of
+    # them plus the subtraction's rounding of a result <= 0.6: < 2.6 u, under the 4 u bound on any IEEE machine.
+    assert torch.allclose(gain, p_with - p_without, rtol=0, atol=4 * U64)
     assert nextquill_weights(gain).tolist() == [[0.9, 0.1, 0.1, 0.1]]
     assert (p_with.log() - p_without.log())[0, 3] > math.log(2)
 
@@ -290,3 +293,26 @@ def test_dft_takes_p_from_the_training_forward_like_trl(tmp_path, sample_train):
     tr, _ = build_trainer(_cfg(tmp_path, method="dft", lora=True, lora_dropout=0.5), model, tok, sample_train[:4])
     assert not tr.signal_needs_eval_pass
     assert LOSSES["dft"] is dft_loss
+    # The loss gets the training forward's own log-probs (dropout on), and no E-step runs.
+    import percontrast.trainer as trainer_mod
+    from percontrast.pir import token_logprobs
+    from percontrast.scoring import with_profile_logits
+    torch.manual_seed(0)
+    for n, p in tr.model.named_parameters():
+        if "lora_B" in n:   # LoRA starts with B = 0, where dropout on its input changes nothing
+            p.data.normal_(0, 0.5)
+    batch = next(iter(tr.get_train_dataloader()))
+    seen = []
+    real = trainer_mod.LOSSES["dft"]
+    trainer_mod.LOSSES["dft"] = lambda logp, mask, **kw: seen.append(logp.detach()) or real(logp, mask, **kw)
+    try:
+        tr.model.train()
+        tr.compute_loss(tr.model, dict(batch), num_items_in_batch=int(batch["response_mask"].sum()))
+    finally:
+        trainer_mod.LOSSES["dft"] = real
+    assert tr.counterfactual_passes == 0 and len(seen) == 1
+    tr.model.eval()
+    with torch.no_grad():
+        eval_logp = token_logprobs(with_profile_logits(tr.model, batch), batch["response_ids"])
+    mask = batch["response_mask"].bool()
+    assert not torch.equal(seen[0][mask], eval_logp[mask])   # dropout changed them: p is the training forward's

@@ -22,13 +22,14 @@ which re-estimates PIR with the model being trained at every step (percontrast t
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import field
 from ..errors import UserError
-from ..options import ModelDataOptions, check_clip
+from ..options import LossOptions, ModelDataOptions, check_clip
 
 FORMATS = ("hf", "parquet", "jsonl", "swift")
 SIGNAL = ("refresh=once: clip(PIR, clip_min, clip_max) estimated once with the model as given (eval mode, "
@@ -46,10 +47,10 @@ class ExportWeightsConfig(ModelDataOptions):
                                "jsonl (the same rows), swift (ms-swift messages with per-segment loss_scale).")
     batch_size: int = field(4, help="Examples per forward pass (the same batches as 'percontrast score "
                             "--batch-size N' give bit-identical weights).")
-    clip_min: float = field(0.8, help="m of the weight clip(PIR, m, M) (the paper's 0.8).")
-    clip_max: float = field(5.0, help="M of the weight clip(PIR, m, M) (the paper's 5.0).")
-    allow_negative_clip: bool = field(False, help="Permit clip_min < 0 (negative weights are gradient ascent "
-                                      "in whatever trains on them).")
+    # the clip is declared once, in LossOptions (copies of its fields: same defaults, help and flags)
+    clip_min: float = copy.copy(LossOptions.__dataclass_fields__["clip_min"])
+    clip_max: float = copy.copy(LossOptions.__dataclass_fields__["clip_max"])
+    allow_negative_clip: bool = copy.copy(LossOptions.__dataclass_fields__["allow_negative_clip"])
     overwrite: bool = field(False, help="Replace an existing --output-dir (atomically, when the new one is complete).")
     progress: bool = field(True, help="Show a progress bar while scoring.")
 
