@@ -5,8 +5,8 @@
     python run.py test     # set up .venv, run the whole test suite
 
 Needs only Python >= 3.10 and pip. Set-up is idempotent: the virtual environment is
-rebuilt only when requirements*.txt, pyproject.toml or $PERCONTRAST_TORCH_INDEX change
-(their hash is stored inside .venv). `test` also installs requirements-test.txt (the judge
+rebuilt only when requirements.txt, requirements-model.txt, pyproject.toml or
+$PERCONTRAST_TORCH_INDEX change (their hash is stored inside .venv). `test` also installs requirements-test.txt (the judge
 test's llama.cpp server, compiled once). Extra arguments after the command are passed on
 (to `percontrast demo` or to pytest).
 

