@@ -61,7 +61,7 @@ def main() -> None:
     from percontrast.datasets import load_records
     from percontrast.degeneration import degeneration_flags
     from percontrast.files import write_text_atomic
-    from percontrast.generation import auto_batch_size, generate_from_ids
+    from percontrast.generation import auto_batch_size, generate_from_ids, score_batch_cap
     from percontrast.metrics import DEFAULT_METRICS, aggregate, score_examples
     from percontrast.models import load_model
     from percontrast.options import DecodingOptions, PromptOptions
@@ -81,8 +81,11 @@ def main() -> None:
 
     paths = {"before": {"batch": args.batch_before, "preallocate": False, "bucket": False, "shared": False},
              "after": {"batch": args.batch_after, "preallocate": True, "bucket": True, "shared": True}}
-    decode = DecodingOptions(max_new_tokens=args.max_new_tokens, no_repeat_ngram_size=3)
-    one = DecodingOptions(max_new_tokens=1)
+    # each path's decoding options carry its batch size: 0 (after) is "from memory" only when the OPTIONS
+    # say 0 (a batch_size argument of 0 falls back to the options' own, 16 by default)
+    decode = {name: DecodingOptions(max_new_tokens=args.max_new_tokens, no_repeat_ngram_size=3, batch_size=p["batch"])
+              for name, p in paths.items()}
+    one = {name: DecodingOptions(max_new_tokens=1, batch_size=p["batch"]) for name, p in paths.items()}
 
     def generate(p, opts, info=None):
         return generate_from_ids(model, tok, prompts, opts, p["batch"] or None, False, True, info=info,
@@ -100,7 +103,7 @@ def main() -> None:
 
     def before_pass(p):
         info: list = []
-        ids = timed("before", "generation", lambda: generate(p, decode, info))
+        ids = timed("before", "generation", lambda: generate(p, decode["before"], info))
         rows = timed("before", "likelihood", lambda: score_records(
             model, tok, recs, like_builder, batch_size=p["batch"], progress=False, bucket=False))
         return ids, info, rows
@@ -108,14 +111,15 @@ def main() -> None:
     def after_pass(p):
         info: list = []
         texts, rows = timed("after", "generation + likelihood", lambda: generate_and_score_records(
-            model, tok, recs, like_builder, decode, batch_size=p["batch"] or None, progress=False, info=info))
+            model, tok, recs, like_builder, decode["after"], batch_size=p["batch"] or None, progress=False,
+            info=info))
         return texts, info, rows
 
-    generate(paths["after"], one)                  # warm-up (allocator, kernels)
+    generate(paths["after"], one["after"])         # warm-up (allocator, kernels)
     load0 = os.getloadavg()
     for _ in range(args.reps):
         for name, p in paths.items():
-            timed(name, "prefill", lambda: generate(p, one))
+            timed(name, "prefill", lambda: generate(p, one[name]))
         ids, info, rows = before_pass(paths["before"])
         outputs["before"].update(texts=[tok.decode(g, skip_special_tokens=True).strip() for g in ids],
                                  info=info, rows=rows)
@@ -152,7 +156,7 @@ def main() -> None:
     # the batch sizes generate_and_score resolves for batch_size 0 (generation: the KV cache; scoring: the logits)
     batch_after = args.batch_after or auto_batch_size(model, max(len(p) for p in prompts) + args.max_new_tokens)
     score_after = args.batch_after or auto_batch_size(
-        model, max(len(p) for p in prompts) + gold_lens[-1], logit_positions=gold_lens[-1])
+        model, max(len(p) for p in prompts) + gold_lens[-1], logit_positions=gold_lens[-1], cap=score_batch_cap(model))
     info = run_info()
     res = {"command": "benchmarks/eval_cell.py " + " ".join(sys.argv[1:]), "machine": info["machine"],
            "date": info["date"], "git_commit": info.get("git_commit"), "torch_threads": torch.get_num_threads(),

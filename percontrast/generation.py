@@ -128,7 +128,15 @@ def _full_attention_only(model) -> bool:
 # Finished rows leave the batch (a copy of the KV cache) once at most this share of its rows is live;
 # until then they ride along: one copy per quarter of the batch instead of one per finished row.
 COMPACT_SHARE = 0.75
-AUTO_BATCH_CAP = 64          # batch_size 0: at most this many rows (the decode gain flattens past it on CPU)
+# batch_size 0: at most this many decoding rows. On 2 CPU cores a greedy step at 155 rows is at the matmul
+# peak plus the KV cache's memory bandwidth, and still 1.3x the tokens/s of 64 rows
+# (benchmarks/results/eval_cell.md); past that there is no study batch to fill.
+AUTO_BATCH_CAP = 256
+# ... and at most this many rows per likelihood forward on a CPU: a forward of 16 rows x ~100 tokens is
+# already compute-bound there, and every extra row only adds padding (email test, gold after the prompt
+# cache: padded/real tokens 1.38 at 36 rows, ~1.15 at 16). A GPU gets AUTO_BATCH_CAP.
+CPU_SCORE_BATCH_CAP = 16
+PREFILL_CHUNK = 16           # rows per prefill forward of a larger decoding batch (see _prefill)
 AUTO_BATCH_SHARE = 0.25      # ... within this share of the free memory
 
 
@@ -148,12 +156,13 @@ def free_memory_bytes(device) -> int:
 
 
 def auto_batch_size(model, seq_len: int, logit_positions: int = 1, rows_per_example: int = 1,
-                    free_bytes: int | None = None) -> int:
+                    free_bytes: int | None = None, cap: int | None = None) -> int:
     """Examples per batch for ``batch_size`` 0: the most that fit ``AUTO_BATCH_SHARE`` of the free
     memory, at most ``AUTO_BATCH_CAP``. Per row: the KV cache of ``seq_len`` positions, float32 logits
     at ``logit_positions`` (x3: the logits, a log-softmax's exp and its result live together), and one
     layer's widest activations over ``seq_len`` during the prefill (x4 for the MLP's gate, up, product
-    and output). ``rows_per_example``: 2 for contrastive decoding (two prompts per example)."""
+    and output). ``rows_per_example``: 2 for contrastive decoding (two prompts per example). ``cap``:
+    another upper bound than ``AUTO_BATCH_CAP`` (``score_batch_cap`` for likelihood passes)."""
     cfg = model.config
     cfg = getattr(cfg, "text_config", None) or cfg
     heads = getattr(cfg, "num_attention_heads", 1)
@@ -168,13 +177,27 @@ def auto_batch_size(model, seq_len: int, logit_positions: int = 1, rows_per_exam
                + 4 * seq_len * width * elem) * rows_per_example
     if free_bytes is None:
         free_bytes = free_memory_bytes(next(model.parameters()).device)
-    return max(1, min(AUTO_BATCH_CAP, int(AUTO_BATCH_SHARE * free_bytes // per_row)))
+    return max(1, min(cap or AUTO_BATCH_CAP, int(AUTO_BATCH_SHARE * free_bytes // per_row)))
 
 
-def _prefill(model, prompts: list[list[int]], pad_id: int, device, new_tokens: int | None = None):
+def score_batch_cap(model) -> int:
+    """The most rows ``auto_batch_size`` gives a likelihood pass on this model's device."""
+    return CPU_SCORE_BATCH_CAP if next(model.parameters()).device.type == "cpu" else AUTO_BATCH_CAP
+
+
+def _prefill(model, prompts: list[list[int]], pad_id: int, device, new_tokens: int | None = None,
+             chunk: int | None = None):
     """One forward over the left-padded prompts into a fresh KV cache, the LM head on the last
     position only: (output, attention mask, cache). ``new_tokens``: how many tokens will follow, so
-    the cache can be allocated once (``new_cache``); None keeps the stock growing-by-concatenation."""
+    the cache can be allocated once (``new_cache``); None keeps the stock growing-by-concatenation.
+    With ``new_tokens`` on a full-attention model, a batch of more than ``chunk`` rows (default
+    ``PREFILL_CHUNK``) is prefilled ``chunk`` rows at a time, each chunk at its own padded length
+    (``_merge_prefills``): callers sort prompts by length, so a large decoding batch does not pay
+    the longest prompt's length for every row in the prefill."""
+    chunk = chunk or PREFILL_CHUNK
+    if new_tokens is not None and len(prompts) > chunk and _full_attention_only(model):
+        parts = [_prefill(model, prompts[i:i + chunk], pad_id, device) for i in range(0, len(prompts), chunk)]
+        return _merge_prefills(model, parts, new_tokens)
     ids, att = _left_pad(prompts, pad_id)
     ids, att = ids.to(device), att.to(device)
     pos = (att.cumsum(-1) - 1).clamp(min=0)  # real tokens count from 0 in every row
@@ -184,15 +207,13 @@ def _prefill(model, prompts: list[list[int]], pad_id: int, device, new_tokens: i
     return out, att, cache
 
 
-def _prefill_pair(model, first: list[list[int]], second: list[list[int]], pad_id: int, device, new_tokens: int):
-    """``_prefill`` of ``first + second`` as one batch of 2B rows, but each half prefilled at its own
-    padded length: the counterfactual prompts of contrastive decoding are often much shorter than the
-    with-profile ones, and one joint batch would run them at the longer length. The shorter half's
-    keys and values are then left-padded with zeros to the common length; its attention mask is 0
-    there, exactly as for the pad tokens of a joint prefill, so every later step computes what the
-    joint prefill's cache would give it (a masked column gets no attention weight, whatever it holds)."""
-    halves = [_prefill(model, part, pad_id, device) for part in (first, second)]
-    L = max(h[1].shape[1] for h in halves)
+def _merge_prefills(model, parts: list[tuple], new_tokens: int):
+    """Prefills of several row groups (each ``_prefill``'s (output, mask, cache), each at its own padded
+    length) as ONE batch in one in-place cache of the longest length + ``new_tokens``. A shorter group's
+    keys and values are left-padded with zeros; its attention mask is 0 there, exactly as for the pad
+    tokens of a joint prefill, so every later step computes what the joint prefill's cache would give
+    it (a masked column gets no attention weight, whatever it holds; position ids come from the mask)."""
+    L = max(p[1].shape[1] for p in parts)
 
     def pad_left(t: torch.Tensor, dim: int) -> torch.Tensor:
         extra = L - t.shape[dim]
@@ -203,12 +224,19 @@ def _prefill_pair(model, first: list[list[int]], second: list[list[int]], pad_id
         return torch.cat([t.new_zeros(shape), t], dim=dim)
 
     cache = new_cache(model, L + new_tokens)
-    for i, (a, b) in enumerate(zip(halves[0][2].layers, halves[1][2].layers)):
-        cache.update(torch.cat([pad_left(a.keys, 2), pad_left(b.keys, 2)]),
-                     torch.cat([pad_left(a.values, 2), pad_left(b.values, 2)]), i)
-    att = torch.cat([pad_left(h[1], 1) for h in halves])
-    out = type(halves[0][0])(logits=torch.cat([h[0].logits for h in halves]))
+    for i, layers in enumerate(zip(*(p[2].layers for p in parts))):
+        cache.update(torch.cat([pad_left(layer.keys, 2) for layer in layers]),
+                     torch.cat([pad_left(layer.values, 2) for layer in layers]), i)
+    att = torch.cat([pad_left(p[1], 1) for p in parts])
+    out = type(parts[0][0])(logits=torch.cat([p[0].logits for p in parts]))
     return out, att, cache
+
+
+def _prefill_pair(model, first: list[list[int]], second: list[list[int]], pad_id: int, device, new_tokens: int):
+    """``_prefill`` of ``first + second`` as one batch of 2B rows, but each half prefilled at its own
+    padded length (``_merge_prefills``): the counterfactual prompts of contrastive decoding are often
+    much shorter than the with-profile ones, and one joint batch would run them at the longer length."""
+    return _merge_prefills(model, [_prefill(model, part, pad_id, device) for part in (first, second)], new_tokens)
 
 
 class NGramBan:
@@ -551,7 +579,7 @@ def generate_and_score(model, tokenizer, encoded: list[dict], options: DecodingO
     fixed = batch_size or options.batch_size
     batch_size = fixed or auto_batch_size(model, longest_prompt + options.max_new_tokens)
     score_batch_size = score_batch_size or fixed or auto_batch_size(
-        model, longest_prompt + longest_gold, logit_positions=longest_gold)
+        model, longest_prompt + longest_gold, logit_positions=longest_gold, cap=score_batch_cap(model))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -584,7 +612,10 @@ def generate_and_score(model, tokenizer, encoded: list[dict], options: DecodingO
                 gen[i], ends[i] = res[b], end[b]
             del out, cache
         collate = PairedCollator(pad_id)
-        by_cf = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i]["prompt_without"]) + len(encoded[i]["response"])))
+        # the response-aligned layout pads to the longest prompt plus the longest response: bucket by the
+        # response (its lengths spread far more than the profile-free prompts')
+        by_cf = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]["response"]),
+                                                           -len(encoded[i]["prompt_without"])))
         for s0 in range(0, len(by_cf), score_batch_size):
             idx = by_cf[s0:s0 + score_batch_size]
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([encoded[i] for i in idx]).items()}

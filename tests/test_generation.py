@@ -85,6 +85,39 @@ def test_batched_equals_one_at_a_time(tiny):
     assert any(len(s) > 0 for s in single)
 
 
+def test_chunked_prefill_equals_one_at_a_time(tiny, monkeypatch):
+    """A decoding batch larger than PREFILL_CHUNK is prefilled chunk by chunk, each chunk at its own padded
+    length, and merged into one cache (zeros where a shorter chunk had no column, masked): the tokens are
+    those of one prompt at a time, and the merged cache is laid out as a joint prefill's would be."""
+    import percontrast.generation as G
+
+    model, tok = tiny
+    prompts = sorted(_prompts(tok), key=len, reverse=True)   # as generate_from_ids orders a batch
+    opts = DecodingOptions(max_new_tokens=12)
+    single = [generate_from_ids(model, tok, [p], opts, batch_size=1, progress=False, return_ids=True)[0]
+              for p in prompts]
+    _assert_decisive(model, tok, prompts, single, 12)
+    monkeypatch.setattr(G, "PREFILL_CHUNK", 2)
+    chunks = []
+    real = G._merge_prefills
+    monkeypatch.setattr(G, "_merge_prefills", lambda m, parts, n: chunks.append([p[1].shape for p in parts])
+                        or real(m, parts, n))
+    batched = generate_from_ids(model, tok, prompts, opts, batch_size=16, progress=False, return_ids=True)
+    assert batched == single
+    assert len(chunks[0]) == -(-len(prompts) // 2) and len({s[1] for s in chunks[0]}) > 1   # own lengths
+    with torch.no_grad():
+        _, att_j, cache_j = G._prefill(model, prompts[:5], tok.pad_token_id, "cpu", 4, chunk=16)   # joint
+        _, att_c, cache_c = G._prefill(model, prompts[:5], tok.pad_token_id, "cpu", 4, chunk=2)
+    assert torch.equal(att_j, att_c)
+    live = att_j.bool()[:, None, :, None]                      # the real positions of every row
+    for lj, lc in zip(cache_j.layers, cache_c.layers):
+        assert lj.keys.shape == lc.keys.shape
+        assert not lc.keys.masked_select(~live).any()            # padding columns are zeros
+        # float64 keys of size ~1: another batch shape changes only the matmul blocking, ~1e-16 per operation
+        # over a few hundred operations; 1e-10 is far above that and far below any real difference
+        assert torch.allclose(lj.keys.masked_select(live), lc.keys.masked_select(live), rtol=0, atol=1e-10)
+
+
 @pytest.fixture(scope="module")
 def tiny_abs_pos(tiny):
     """A tiny GPT-2 with LEARNED ABSOLUTE position embeddings and a large init, float64. Llama's RoPE is

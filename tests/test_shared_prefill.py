@@ -32,16 +32,21 @@ def setup(tmp_path_factory):
     return model.double().eval(), tok, recs, PromptBuilder(tok, task, k=2)
 
 
-@pytest.mark.parametrize("ngram", [0, 2])
-def test_one_prefill_gives_the_separate_passes(setup, ngram):
+@pytest.mark.parametrize("ngram,chunk", [(0, None), (2, None), (2, 2)])
+def test_one_prefill_gives_the_separate_passes(setup, ngram, chunk, monkeypatch):
+    """chunk 2: each generation batch of 4 prefilled 2 rows at a time (PREFILL_CHUNK), merged into one cache."""
+    import percontrast.generation as G
     from percontrast.commands.score import generate_and_score_records, score_records
     from percontrast.generation import generate_from_ids
 
     model, tok, recs, builder = setup
     opts = DecodingOptions(max_new_tokens=10, no_repeat_ngram_size=ngram, batch_size=4)
     info_a, info_b = [], []
-    texts, rows = generate_and_score_records(model, tok, recs, builder, opts, batch_size=4, progress=False,
-                                             info=info_a)
+    with monkeypatch.context() as mp:
+        if chunk:
+            mp.setattr(G, "PREFILL_CHUNK", chunk)
+        texts, rows = generate_and_score_records(model, tok, recs, builder, opts, batch_size=4, progress=False,
+                                                 info=info_a)
     prompts = [builder.encode(r, with_response=False)["prompt_with"] for r in recs]
     assert prompts == [builder.encode(r)["prompt_with"] for r in recs]   # the prompts both paths build
     ref_texts = generate_from_ids(model, tok, prompts, opts, 4, progress=False, info=info_b)
@@ -80,6 +85,10 @@ def test_auto_batch_size_is_the_memory_budget(setup):
     assert auto_batch_size(model, 100, 10, rows_per_example=2, free_bytes=4 * 7 * per_row) == 3
     assert auto_batch_size(model, 100, 10, free_bytes=1) == 1
     assert auto_batch_size(model, 100, 10, free_bytes=1 << 50) == AUTO_BATCH_CAP
+    from percontrast.generation import CPU_SCORE_BATCH_CAP, score_batch_cap
+    assert score_batch_cap(model) == CPU_SCORE_BATCH_CAP       # the tiny model is on the CPU
+    assert auto_batch_size(model, 100, 10, free_bytes=1 << 50, cap=CPU_SCORE_BATCH_CAP) == CPU_SCORE_BATCH_CAP
+    assert auto_batch_size(model, 100, 10, free_bytes=4 * 7 * per_row, cap=CPU_SCORE_BATCH_CAP) == 7
 
 
 def test_batch_size_zero_decodes_and_scores_like_a_fixed_batch(setup):

@@ -163,10 +163,10 @@ def score_records(model, tokenizer, records: list[dict], builder, *, batch_size:
     for i, e in enumerate(enc):
         e["idx"] = i            # the collated batch's ``idx``: record positions, whatever the batch order
     if not batch_size:   # 0: chosen from memory, like generation's batch_size 0
-        from ..generation import auto_batch_size
+        from ..generation import auto_batch_size, score_batch_cap
         batch_size = auto_batch_size(
             model, max((len(e["prompt_with"]) + len(e["response"]) for e in enc), default=1),
-            logit_positions=max((len(e["response"]) for e in enc), default=1))
+            logit_positions=max((len(e["response"]) for e in enc), default=1), cap=score_batch_cap(model))
     order = list(range(len(records)))
     if bucket:
         order.sort(key=lambda i: len(enc[i]["prompt_with"]) + len(enc[i]["response"]))
