@@ -25,7 +25,7 @@ import torch
 
 from .errors import UserError
 from .prompts import (COUNTERFACTUAL_PROMPTS, Task, counterfactual_prompt, personalized_prompt, profile_parts,
-                      profile_words, query_text)
+                      profile_words, query_text, shown_items)
 from .retrieval import retrieve
 
 logger = logging.getLogger(__name__)
@@ -179,8 +179,10 @@ class PromptBuilder:
         return {"id": str(record["id"]), "prompt_with": p_with, "prompt_without": p_without,
                 "response": resp if with_response else [], "n_profile_items": len(items),
                 "profile_removed": removed,
-                # the items as they stand in the with-profile prompt, after retrieval and any cut
-                "profile_shown": profile_parts(self.task, items, pw)}
+                # the items as they stand in the with-profile prompt, after retrieval and any cut:
+                # rendered (profile_shown) and as records (profile_items_shown: copy rate, copy baseline)
+                "profile_shown": profile_parts(self.task, items, pw),
+                "profile_items_shown": shown_items(self.task, items, pw)}
 
     def _counterfactual_ids(self, record: dict, other: list[dict] | None, iw: int | None, budget: int) -> list[int]:
         """The counterfactual prompt with the same input cut as the with-profile prompt: the profile

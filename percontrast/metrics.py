@@ -10,7 +10,8 @@ ROUGE (``rouge1``, ``rouge2``, ``rougeL``, ``rougeLsum``): ``rouge_score.RougeSc
 (rouge-score 0.1.2) with ``use_stemmer=False`` and the default tokenizer: lowercase,
 every character outside ``[a-z0-9]`` becomes a space, so accented and non-Latin letters
 are dropped (``"café"`` -> ``caf``). ``rougeLsum`` splits sentences on ``"\\n"`` only
-(``split_summaries=False``). A per-example score is the F-measure. ``score_multi`` with
+(``split_summaries=False``). A per-example score is the F-measure (``rougeL_precision`` / ``rougeL_recall`` etc.: the
+same scorer's precision and recall, reported beside F1). ``score_multi`` with
 a single reference (the benchmarks' case) equals ``score``.
 
 Aggregation -- the one deliberate deviation. ``evaluate``'s ``use_aggregator=True`` feeds
@@ -61,6 +62,10 @@ from .errors import UserError
 from .files import building_dir, cache_dir
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+# ROUGE's precision and recall beside its F-measure ("rougeL_precision"): a shorter output raises
+# precision and lowers recall, so the two show whether an F1 difference is a length difference.
+ROUGE_PARTS = {"precision": "precision", "recall": "recall"}
+ROUGE_PR = tuple(f"{t}_{part}" for t in ROUGE_TYPES for part in ROUGE_PARTS)
 DEFAULT_METRICS = ("rouge1", "rougeL", "meteor")
 METEOR_PARAMS = {"alpha": 0.9, "beta": 3.0, "gamma": 0.5}  # evaluate's and nltk's defaults
 _MARKER = ".percontrast-source"  # written last inside a data folder: the folder is complete
@@ -187,10 +192,15 @@ def _meteor(prediction: str, reference: str) -> float:
 def _score_pair(prediction: str, reference: str, names: Sequence[str]) -> dict[str, float]:
     pred, ref = prediction.strip(), reference.strip()  # the benchmarks' postprocess_text
     out: dict[str, float] = {}
-    rouge = tuple(n for n in names if n in ROUGE_TYPES)
+    rouge = tuple(dict.fromkeys(n.split("_", 1)[0] for n in names if n in ROUGE_TYPES or n in ROUGE_PR))
     if rouge:
         scores = _rouge_scorer(rouge).score(ref, pred)  # rouge_score takes (target, prediction)
-        out.update({n: float(scores[n].fmeasure) for n in rouge})
+        for n in names:
+            if n in ROUGE_TYPES:
+                out[n] = float(scores[n].fmeasure)
+            elif n in ROUGE_PR:
+                kind, part = n.split("_", 1)
+                out[n] = float(getattr(scores[kind], ROUGE_PARTS[part]))
     if "meteor" in names:
         out["meteor"] = _meteor(pred, ref)
     return {n: out[n] for n in names}
@@ -202,7 +212,7 @@ def _single(name: str) -> Callable[[str, str], float]:
 
 METRICS: dict[str, Metric] = {
     name: Metric(name, higher_is_better=True, score=_single(name))
-    for name in (*ROUGE_TYPES, "meteor")
+    for name in (*ROUGE_TYPES, "meteor", *ROUGE_PR)
 }
 
 

@@ -102,32 +102,43 @@ def profile_block(task: Task, items: list[Item], max_words: int | None = None) -
     return ", and ".join(profile_parts(task, items, max_words))
 
 
-def profile_parts(task: Task, items: list[Item], max_words: int | None = None) -> list[str]:
-    """The rendered items exactly as they stand in the prompt (``profile_block`` joins them).
+def shown_items(task: Task, items: list[Item], max_words: int | None = None) -> list[Item]:
+    """The items as they stand in the prompt, cut to ``max_words`` words of profile text.
 
     Items are filled greedily: the first items keep their text, the budget runs out on later
-    ones, and an item left with no text is dropped (the profile is cut before the input).
-    """
-    parts, budget = [], max_words
+    ones, and an item left with no text is dropped (the profile is cut before the input). A task
+    without a text field is cut as a whole rendered item (``profile_parts``), so its items come
+    back uncut here."""
+    out, budget = [], max_words
     for it in items:
-        if budget is not None and task.text_field is not None:
+        if budget is not None:
             if budget <= 0:
                 break
-            text = str(it[task.text_field])
-            n = len(text.split())
-            if n > budget:
-                it = {**it, task.text_field: truncate_words(text, budget)}
+            if task.text_field is not None:
+                text = str(it[task.text_field])
+                n = len(text.split())
+                if n > budget:
+                    it = {**it, task.text_field: truncate_words(text, budget)}
+            else:
+                n = len(task.render_item(it).split())
             budget -= min(n, budget)
-        elif budget is not None:  # generic: cut the whole rendered item by words
+        out.append(it)
+    return out
+
+
+def profile_parts(task: Task, items: list[Item], max_words: int | None = None) -> list[str]:
+    """The rendered items exactly as they stand in the prompt (``profile_block`` joins them); see
+    ``shown_items`` for how the budget is spent."""
+    if max_words is not None and task.text_field is None:   # generic: cut the whole rendered item by words
+        parts, budget = [], max_words
+        for it in items:
             if budget <= 0:
                 break
             r = task.render_item(it)
-            n = len(r.split())
             parts.append(truncate_words(r, budget))
-            budget -= min(n, budget)
-            continue
-        parts.append(task.render_item(it))
-    return parts
+            budget -= min(len(r.split()), budget)
+        return parts
+    return [task.render_item(it) for it in shown_items(task, items, max_words)]
 
 
 def profile_words(task: Task, items: list[Item]) -> int:

@@ -373,6 +373,30 @@ def holm(pvalues) -> list[float]:
     return adj.tolist()
 
 
+def length_adjusted(diffs, length_diffs) -> tuple[np.ndarray, float]:
+    """A paired difference at equal output length: the per-example differences d (A - B, [seeds,
+    examples] or [examples]) minus beta x the length differences l (A's output length - B's, same
+    shape), beta the least-squares slope of d on l pooled over every cell,
+
+        beta = sum (l - mean l)(d - mean d) / sum (l - mean l)^2,    d_adj = d - beta l,
+
+    so mean(d_adj) = mean d - beta mean l is the regression's intercept: the difference predicted
+    for two outputs of the same length. An overlap score rises with length up to the gold's, so an
+    arm that writes shorter loses F1 for its length alone; d_adj keeps the rest. Returns (d_adj,
+    beta); beta 0 when every length difference is the same (nothing to regress on). The intervals
+    of d_adj treat beta as known (its own error is not propagated: with hundreds of pairs it is
+    small beside the seed and user variance, but the interval is that much optimistic)."""
+    d = np.asarray(diffs, dtype=float)
+    l = np.asarray(length_diffs, dtype=float)
+    if d.shape != l.shape or d.size < 2 or not (np.isfinite(d).all() and np.isfinite(l).all()):
+        raise UserError(f"length_adjusted: need finite differences and length differences of one shape "
+                        f"(>= 2 values), got {d.shape} and {l.shape}")
+    lc = l - l.mean()
+    ss = float((lc * lc).sum())
+    beta = float((lc * (d - d.mean())).sum() / ss) if ss > 0 else 0.0
+    return d - beta * l, beta
+
+
 def macro_mean(values, users) -> float:
     """Per-user (macro) mean: (1/G) sum_g mean_{i in g} x_i. Each user weighs the same however many
     examples they wrote; for a 0/1 value (an attribution hit) it is the share per user averaged over

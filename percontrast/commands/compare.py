@@ -3,7 +3,10 @@
     percontrast compare --config configs/compare/sample.yaml
 
 Methods: ``base_profile`` / ``base_noprofile`` (the model as loaded, with / without the
-profile in the prompt), ``ce``, ``lossce``, ``entce``, ``perce``. Every trained method
+profile in the prompt), ``copy_retrieved`` (no model: the first shown profile item as the
+prediction), ``ce``, ``lossce``, ``entce``, ``perce`` and the others of ``losses.METHODS``;
+``X+contrast`` / ``X+noprofile`` decode X's model with profile-contrastive decoding / without the
+profile; ``method_learning_rates`` gives named models their own rate. Every trained method
 gets the same training data, the same ``train:`` settings (TrainConfig fields: budget,
 LoRA or full, batch size, ...) and the same decoding; only ``method`` changes. Optional
 grids: ``learning_rates`` and ``clips`` ("m:M") for the learning-rate / clip robustness
@@ -46,9 +49,10 @@ from ..errors import UserError
 from ..files import write_text_atomic
 from ..metrics import DEFAULT_METRICS, check_metrics
 from ..options import DecodingOptions, JudgeOptions, ModelDataOptions
-from .compare_report import (ALL_METHODS, BASE_METHODS, CONTRAST_SUFFIX, DEFAULT_METHODS, REFERENCE,
-                             TRAINED_METHODS, VARIANT_SEP, is_base, model_method, plot, plot_curves, render_markdown,
-                             report_metrics, summarize, train_method, uses_clip, variant_of)
+from .compare_report import (ALL_METHODS, BASE_METHODS, CONTRAST_SUFFIX, COPY_BASELINE, DEFAULT_METHODS,
+                             NOPROFILE_SUFFIX, REFERENCE, TRAINED_METHODS, VARIANT_SEP, is_base, model_method, plot,
+                             plot_curves, render_markdown, report_metrics, summarize, train_method, uses_clip,
+                             uses_profile, variant_of)
 
 # TrainConfig fields that compare owns (set per cell or shared from the top level)
 _OWNED = {"method", "seed", "learning_rate", "clip_min", "clip_max", "output_dir", "resume", "overwrite",
@@ -61,7 +65,10 @@ class CompareConfig(JudgeOptions, ModelDataOptions, DecodingOptions):   # judge 
                                help="Methods to compare: " + ", ".join(ALL_METHODS) + "; X+contrast (e.g. "
                                "perce+contrast, base_profile+contrast): X's model decoded with profile-contrastive "
                                "decoding at --contrast-arm-alpha, a separate arm on the same trained model; "
-                               "X@NAME: trained method X with the TrainConfig overrides of variants[NAME].")
+                               "X+noprofile (trained X): X's model decoded WITHOUT the profile in the prompt; "
+                               "X@NAME: trained method X with the TrainConfig overrides of variants[NAME]; "
+                               f"{COPY_BASELINE}: no model, the first profile item shown in the prompt as the "
+                               "prediction (cut to max_new_tokens).")
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], help="Training seeds.")
     variants: dict = field(default_factory=dict, help="YAML: named training variants, e.g. {norm: {normalize: "
                            "weights}, every4: {refresh: every_k, refresh_every: 4}}: TrainConfig overrides on top of "
@@ -76,6 +83,10 @@ class CompareConfig(JudgeOptions, ModelDataOptions, DecodingOptions):   # judge 
     train: dict = field(default_factory=dict, help="YAML: TrainConfig fields shared by all trained methods "
                         "(max_steps, epochs, lora, batch_size, learning_rate, ...).")
     learning_rates: list[float] = field(default_factory=list, help="Learning-rate grid (empty: train.learning_rate).")
+    method_learning_rates: dict = field(default_factory=dict, help="YAML: a learning rate per trained model, e.g. "
+                                        "{ce: 0.001, perce: 0.003}: each method at the rate IT chose on validation, "
+                                        "side by side in one table (models not named use the grid's rate; with at "
+                                        "most one rate in learning_rates).")
     clips: list[str] = field(default_factory=list, help="Clip grid as m:M (e.g. 0.8:5 0.5:5); empty: train's "
                              "clip_min/clip_max. Applies to perce/lossce/entce; ce ignores it.")
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS), help="Metrics to report.")
@@ -90,8 +101,19 @@ class CompareConfig(JudgeOptions, ModelDataOptions, DecodingOptions):   # judge 
     likelihood: bool = field(False, help="Also score the gold responses (no generation): NLL/token with the "
                              "profile, mean PIR, and NLL on personal tokens (the gold tokens the untrained model "
                              "gives PIR > 0.8, fixed once for every arm) vs the other tokens.")
+    specific_tokens: bool = field(False, help="With --likelihood: also NLL on the gold tokens SPECIFIC to the "
+                                  "record's user against the other evaluated users' profile texts (nll_specific / "
+                                  "nll_nonspecific; specificity.py: a word-level log-odds test, independent of any "
+                                  "model or method), beside the PIR-defined personal tokens.")
     attribution: bool = field(False, help="Also attribute each generation to a user with a char n-gram classifier "
                               "trained on the eval set's profile texts: share attributed to its own user.")
+    repetition: bool = field(False, help="Also report repetition: seq_rep_4 (per generation) and distinct_2 "
+                             "(pooled), and the same with the n-gram ban off (noban_*: every example decoded a "
+                             "second time with no_repeat_ngram_size 0, so loops the ban hides can show).")
+    copy_control: bool = field(False, help="Also report copying: copy_rate (share of a generation's word 4-grams "
+                               "found in the profile items shown in its prompt), copy_span (longest copied run, "
+                               "words), and own-author attribution by a classifier that never saw the items shown "
+                               "in that example's prompt (attributed_loo, and its per-user mean attributed_loo_macro).")
     contrast_arm_alpha: float = field(1.0, help="alpha of the X+contrast arms (profile-contrastive decoding).")
     reuse_cells_from: list[str] = field(default_factory=list, help="Other compare output_dirs whose finished "
                                         "cells are copied in when their settings hash equals this config's cell "
@@ -106,14 +128,19 @@ class CompareConfig(JudgeOptions, ModelDataOptions, DecodingOptions):   # judge 
         bad = [m for m in self.methods if not self._known_arm(m)]
         if bad or not self.methods:
             raise UserError(f"unknown method {', '.join(map(repr, bad)) or '(none given)'}; "
-                            f"known: {', '.join(ALL_METHODS)}, X{CONTRAST_SUFFIX} for any but base_noprofile, and "
-                            f"X{VARIANT_SEP}NAME for a trained X and a name in variants "
+                            f"known: {', '.join(ALL_METHODS)}, X{CONTRAST_SUFFIX} for a model with the profile, "
+                            f"X{NOPROFILE_SUFFIX} for a trained X, and X{VARIANT_SEP}NAME for a trained X and a "
+                            "name in variants "
                             f"({', '.join(self.variants) or 'none defined'})")
         self.methods = list(dict.fromkeys(self.methods))
         if not self.generate and not self.likelihood:
             raise UserError("--no-generate measures nothing without --likelihood")
-        if not self.generate and (self.attribution or any(m.endswith(CONTRAST_SUFFIX) for m in self.methods)):
-            raise UserError("attribution and X+contrast arms need generations: drop --no-generate")
+        if self.specific_tokens and not self.likelihood:
+            raise UserError("specific_tokens is a likelihood metric: add --likelihood")
+        if not self.generate and (self.attribution or self.repetition or self.copy_control
+                                  or any(m != model_method(m) or m == COPY_BASELINE for m in self.methods)):
+            raise UserError(f"attribution, repetition, copy_control and the X+contrast, X+noprofile and "
+                            f"{COPY_BASELINE} arms need generations: drop --no-generate")
         if not self.generate and self.judge:
             raise UserError("--judge scores generations: drop --no-generate")
         if self.contrast_arm_alpha <= 0:
@@ -145,6 +172,17 @@ class CompareConfig(JudgeOptions, ModelDataOptions, DecodingOptions):   # judge 
             parse_clip(c)
         if any(lr <= 0 for lr in self.learning_rates):
             raise UserError("learning_rates must be > 0")
+        if self.method_learning_rates:
+            models = {model_method(m) for m in self.methods if not is_base(m)}
+            for m, lr in self.method_learning_rates.items():
+                if m not in models:
+                    raise UserError(f"method_learning_rates: {m!r} is not a trained model in methods "
+                                    f"({', '.join(sorted(models)) or 'none'})")
+                if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+                    raise UserError(f"method_learning_rates.{m}: give a learning rate > 0, got {lr!r}")
+            if len(self.learning_rates) > 1:
+                raise UserError("method_learning_rates sets each named model's rate: give at most one rate in "
+                                "learning_rates (a grid and per-method rates do not combine)")
         self.train_config(REFERENCE, self.seeds[0])  # validates the train: block now (unknown keys, values)
         for arm in self.methods:                      # and each variant's values on top of it
             if variant_of(arm):
@@ -165,8 +203,11 @@ class CompareConfig(JudgeOptions, ModelDataOptions, DecodingOptions):   # judge 
                                 "grid point: learning_rates / clips)")
 
     def _known_arm(self, arm: str) -> bool:
-        if arm.endswith(CONTRAST_SUFFIX) and model_method(arm) == "base_noprofile":
-            return False
+        if arm != model_method(arm):   # a decoding suffix
+            if train_method(arm) in ("base_noprofile", COPY_BASELINE):
+                return False           # nothing to contrast / no model
+            if arm.endswith(NOPROFILE_SUFFIX) and is_base(arm):
+                return False           # base_profile+noprofile is base_noprofile
         name = variant_of(arm)
         if name is None:
             return model_method(arm) in ALL_METHODS
@@ -190,6 +231,12 @@ class CompareConfig(JudgeOptions, ModelDataOptions, DecodingOptions):   # judge 
         lrs = self.learning_rates or [base.learning_rate]
         clips = [parse_clip(c) for c in self.clips] or [(base.clip_min, base.clip_max)]
         return [{"lr": lr, "clip_min": m, "clip_max": M} for lr in lrs for (m, M) in clips]
+
+    def setting_for(self, method: str, setting: dict | None) -> dict | None:
+        """The grid point as ``method``'s model trains at it: its own learning rate when
+        method_learning_rates names it."""
+        lr = self.method_learning_rates.get(model_method(method))
+        return setting if setting is None or lr is None else {**setting, "lr": float(lr)}
 
     def train_config(self, method: str, seed: int, lr: float | None = None, clip: tuple | None = None,
                      output_dir: str = "out/compare/_train"):
@@ -243,7 +290,8 @@ _NOT_DEFINING_SHARED = {"data", "limit", "trust_remote_code"}
 _CLIP_FIELDS = {"clip_min", "clip_max", "allow_negative_clip"}
 # Training options added after cells existed: in a cell's definition only when set away from the
 # default they were added with, so that every earlier cell keeps its hash (its run had that default).
-_LATER_TRAIN_DEFAULTS = {"group_by_length": False}
+_LATER_TRAIN_DEFAULTS = {"group_by_length": False, "keep_best": False, "early_stopping_patience": 0,
+                         "early_stopping_threshold": 0.0}
 TRAIN_RECORDS = "__train__"  # key of the training records in the digests
 
 
@@ -406,7 +454,7 @@ def train_model(tcfg, records: list[dict]):
     (model, tokenizer, info). Tests monkeypatch this to count training calls."""
     import transformers
 
-    from .train import build_trainer
+    from .train import build_trainer, training_outcome
 
     transformers.set_seed(tcfg.seed)
     model, tok = tcfg.load_model()
@@ -416,7 +464,8 @@ def train_model(tcfg, records: list[dict]):
     info = {"steps": trainer.state.global_step, "train_loss": result.training_loss,
             "train_s": round(time.perf_counter() - t0, 2), "response_cut": builder.stats.response_cut,
             "log": [h for h in trainer.state.log_history if "loss" in h][-50:],
-            "curve": [[h["step"], h["val_nll"]] for h in trainer.state.log_history if "val_nll" in h]}
+            "curve": [[h["step"], h["val_nll"]] for h in trainer.state.log_history if "val_nll" in h],
+            **training_outcome(trainer)}   # keep_best / early stopping: best_step, best_val_nll, stopped_early
     model = trainer.model
     model.eval()
     return model, tok, info
@@ -444,7 +493,7 @@ def _jobs(cfg: CompareConfig, settings: list[dict], base_seeds: list[int]) -> li
                 # ce ignores the clip: train it once per learning rate
                 if not uses_clip(m) and any(x["lr"] == st["lr"] for x in settings[:st_i]):
                     continue
-                jobs.append((m, s, st))
+                jobs.append((m, s, cfg.setting_for(m, st)))
     return jobs
 
 
@@ -486,24 +535,56 @@ def _plan(cfg, jobs, eval_sets, digests, out: Path, judge: dict | None = None) -
     return plan
 
 
-def _generate(model, tok, recs, es: dict, cfg: CompareConfig, arm: str, seed: int) -> tuple[list[str], dict, list]:
+def _generate(model, tok, recs, es: dict, cfg: CompareConfig, arm: str, seed: int,
+              options: DecodingOptions | None = None) -> tuple[list[str], dict, list]:
     """Predictions for one eval set, the prompt-length counters (profile cut / removed) and, per
-    record, whether generation ended at an end token (degeneration)."""
+    record, whether generation ended at an end token (degeneration). ``options``: other decoding
+    than the arm's (repetition's second decoding, with the n-gram ban off)."""
     from ..encoding import EncodeStats
     from ..generation import generate_for
 
     stats, info = EncodeStats(), []
-    texts = generate_for(model, tok, recs, es["task"], cfg, arm_decoding(cfg, arm),
-                         use_profile=(train_method(arm) != "base_noprofile"), seed=seed, progress=cfg.progress,
-                         stats=stats, info=info)
+    texts = generate_for(model, tok, recs, es["task"], cfg, options or arm_decoding(cfg, arm),
+                         use_profile=uses_profile(arm), seed=seed, progress=cfg.progress, stats=stats, info=info)
     return texts, stats.counts(), info
+
+
+def _shown_items(tok, recs, es: dict, cfg: CompareConfig) -> list[list[dict]]:
+    """Per record, the profile items as they stand in its generation prompt (after retrieval and the
+    length cut): what a generation could copy, and what copy_retrieved predicts."""
+    builder = cfg.prompt_builder(tok, es["task"], reserve_tokens=cfg.max_new_tokens)
+    return [builder.encode(r, with_response=False)["profile_items_shown"] for r in recs]
+
+
+def _item_text(item: dict, es: dict) -> str:
+    """A shown item's text as a generation could copy it: its text field (the task's rendering when the
+    task has none)."""
+    from ..prompts import get_task
+
+    task = get_task(es["task"])
+    return str(item.get(task.text_field, "")) if task.text_field else task.render_item(item)
+
+
+def _copy_retrieved(tok, shown: list[list[dict]], es: dict, cfg: CompareConfig) -> tuple[list[str], list]:
+    """copy_retrieved's predictions: the first shown item's text, cut to max_new_tokens tokens (a
+    generation could not be longer), and per record whether it ended before the cap."""
+    from ..copying import retrieved_item_baseline
+    from ..prompts import get_task
+
+    field = get_task(es["task"]).text_field or "text"
+    texts, info = [], []
+    for items in shown:
+        ids = tok(retrieved_item_baseline(items, field), add_special_tokens=False)["input_ids"]
+        texts.append(tok.decode(ids[: cfg.max_new_tokens], skip_special_tokens=True).strip())
+        info.append({"new_tokens": min(len(ids), cfg.max_new_tokens), "ended": len(ids) <= cfg.max_new_tokens})
+    return texts, info
 
 
 def _shares_prefill(model, cfg: CompareConfig, arm: str) -> bool:
     """A cell whose generation and likelihood can come from one prefill per prompt: greedy decoding
     from the with-profile prompt (the prompt the likelihood pass scores the gold after)."""
     from ..generation import shares_prefill
-    return train_method(arm) != "base_noprofile" and shares_prefill(model, arm_decoding(cfg, arm))
+    return uses_profile(arm) and shares_prefill(model, arm_decoding(cfg, arm))
 
 
 def _generate_and_score(model, tok, recs, es: dict, cfg: CompareConfig, arm: str) -> tuple[list[str], dict, list, list]:
@@ -580,19 +661,26 @@ def _rejudge(c: dict, cfg: CompareConfig, judge, recs: list[dict]) -> None:
 
 
 def _measure(cfg: CompareConfig, arm: str, recs: list[dict], texts: list[str] | None, info: list | None,
-             like_rows: list[dict] | None, personal: dict | None, attributor) -> tuple[list[dict], dict]:
+             like_rows: list[dict] | None, personal: dict | None, attributor, noban: tuple | None = None,
+             copy: dict | None = None, specific: dict | None = None) -> tuple[list[dict], dict]:
     """Per-example scores and corpus values of one cell: overlap metrics, likelihood, attribution,
-    degeneration (whichever the config asks for; the judge comes after, ``judge.judge_into``)."""
-    from ..degeneration import degeneration_flags
+    degeneration, and with ``noban`` (texts, info of the ban-off decoding) repetition, with ``copy``
+    ({"shown": per record the shown item texts, "loo": the leave-shown-out attributor}) copying
+    (whichever the config asks for; the judge comes after, ``judge.judge_into``); ``specific``: the
+    user-specific token positions (``specificity.specific_positions``) for nll_specific."""
+    from ..degeneration import degeneration_flags, distinct_n
     from ..likelihood import example_likelihood, summarize_likelihood
     from .evaluate import score
 
     n = len(recs)
     per, corpus = (score(texts, recs, cfg.metrics) if cfg.generate else ([{} for _ in recs], {}))
     if like_rows is not None:
-        ex = [example_likelihood(row, personal[row["id"]]) for row in like_rows]
+        ex = [example_likelihood(row, personal[row["id"]], None if specific is None else specific[row["id"]])
+              for row in like_rows]
+        keys = ("nll", "nll_personal", "nll_other", "mean_pir") + \
+            (("nll_specific", "nll_nonspecific") if specific is not None else ())
         for p, e in zip(per, ex):
-            p.update({k: e[k] for k in ("nll", "nll_personal", "nll_other", "mean_pir")})
+            p.update({k: e[k] for k in keys})
         corpus.update({k: v for k, v in summarize_likelihood(ex).items()})
     if cfg.generate:
         flags = [degeneration_flags(t, inf["ended"]) for t, inf in zip(texts, info)]
@@ -600,12 +688,36 @@ def _measure(cfg: CompareConfig, arm: str, recs: list[dict], texts: list[str] | 
             p["hit_cap"], p["loop"] = float(f["hit_cap"]), float(f["loop"])
         corpus["hit_cap"] = sum(p["hit_cap"] for p in per) / n
         corpus["loop"] = sum(p["loop"] for p in per) / n
+    if noban is not None:
+        nb_texts, nb_info = noban
+        nb = [degeneration_flags(t, inf["ended"]) for t, inf in zip(nb_texts, nb_info)]
+        for p, f, g in zip(per, flags, nb):
+            p["seq_rep_4"] = f["seq_rep_4"]
+            p["noban_seq_rep_4"], p["noban_loop"], p["noban_hit_cap"] = g["seq_rep_4"], float(g["loop"]), \
+                float(g["hit_cap"])
+        for key in ("seq_rep_4", "noban_seq_rep_4", "noban_loop", "noban_hit_cap"):
+            corpus[key] = sum(p[key] for p in per) / n
+        corpus["distinct_2"], corpus["noban_distinct_2"] = distinct_n(texts, 2), distinct_n(nb_texts, 2)
+    users = [r["user_id"] for r in recs]
     if attributor is not None:
         from ..attribution import attribution_share
-        att = attribution_share(attributor, texts, [r["user_id"] for r in recs])
+        att = attribution_share(attributor, texts, users)
         for p, a in zip(per, att["correct"]):
             p["attributed"] = float(a)
         corpus["attributed"] = att["share"]
+        if copy is not None:
+            corpus["attributed_macro"] = att["share_macro"]
+    if copy is not None:
+        from ..copying import copy_rate, longest_copied_span
+        for p, t, src in zip(per, texts, copy["shown"]):
+            p["copy_rate"], p["copy_span"] = copy_rate(t, src), float(longest_copied_span(t, src))
+        corpus["copy_rate"] = sum(p["copy_rate"] for p in per) / n
+        corpus["copy_span"] = sum(p["copy_span"] for p in per) / n
+        from ..attribution import attribution_share
+        loo = attribution_share(copy["loo"], texts, users)
+        for p, a in zip(per, loo["correct"]):
+            p["attributed_loo"] = float(a)
+        corpus["attributed_loo"], corpus["attributed_loo_macro"] = loo["share"], loo["share_macro"]
     return per, corpus
 
 
@@ -655,6 +767,9 @@ def run(cfg: CompareConfig) -> dict:
     for c in rejudge:
         _rejudge(c, cfg, judge, eval_records[c["es"]["name"]])
 
+    shown: dict[str, list] = {}            # eval set -> per record, the profile items shown in its prompt
+    loo_attributors: dict[str, object] = {}
+    specific: dict[str, dict] = {}         # eval set -> user-specific token positions (specific_tokens)
     done = skipped = 0
     for job in plan if not cfg.summarize_only else []:
         m, s, st = job["method"], job["seed"], job["setting"]
@@ -677,19 +792,42 @@ def run(cfg: CompareConfig) -> dict:
         for c in todo:
             es, arm = c["es"], c["arm"]
             recs = eval_records[es["name"]]
+            if (cfg.copy_control or arm == COPY_BASELINE) and es["name"] not in shown:
+                shown[es["name"]] = _shown_items(tok, recs, es, cfg)
             t1 = time.perf_counter()
-            texts, prompt_stats, gen_info = None, None, None
+            texts, prompt_stats, gen_info, noban = None, None, None, None
             with PeakMemory() as emem:
-                if cfg.generate and cfg.likelihood and es["name"] not in like_rows and _shares_prefill(model, cfg, arm):
+                if arm == COPY_BASELINE:   # no generation; its likelihood columns are the untrained model's
+                    texts, gen_info = _copy_retrieved(tok, shown[es["name"]], es, cfg)
+                elif cfg.generate and cfg.likelihood and es["name"] not in like_rows and \
+                        _shares_prefill(model, cfg, arm):
                     texts, prompt_stats, gen_info, like_rows[es["name"]] = _generate_and_score(
                         model, tok, recs, es, cfg, arm)
                 elif cfg.generate:
                     texts, prompt_stats, gen_info = _generate(model, tok, recs, es, cfg, arm, s)
+                if cfg.repetition:
+                    opts = arm_decoding(cfg, arm)
+                    noban = (texts, gen_info)   # no ban to lift (or a copy): the same generations
+                    if opts.no_repeat_ngram_size and arm != COPY_BASELINE:
+                        nb_texts, _, nb_info = _generate(model, tok, recs, es, cfg, arm, s,
+                                                         dataclasses.replace(opts, no_repeat_ngram_size=0))
+                        noban = (nb_texts, nb_info)
                 if cfg.likelihood and es["name"] not in like_rows:
                     like_rows[es["name"]] = _likelihood_rows(model, tok, recs, es, cfg)
             eval_s = time.perf_counter() - t1
+            copy = None
+            if cfg.copy_control:
+                sources = [[_item_text(it, es) for it in items] for items in shown[es["name"]]]
+                if es["name"] not in loo_attributors:   # fitted once per eval set, on first use
+                    from ..attribution import fit_leave_shown_out
+                    loo_attributors[es["name"]] = fit_leave_shown_out(recs, shown[es["name"]], seed=0)
+                copy = {"shown": sources, "loo": loo_attributors[es["name"]]}
+            if cfg.specific_tokens and es["name"] not in specific:   # the same tokens for every model
+                from ..specificity import specific_positions
+                specific[es["name"]] = specific_positions(like_rows[es["name"]], recs)
             per, corpus = _measure(cfg, arm, recs, texts, gen_info, like_rows.get(es["name"]),
-                                   personal[es["name"]] if personal else None, attributors.get(es["name"]))
+                                   personal[es["name"]] if personal else None, attributors.get(es["name"]),
+                                   noban, copy, specific.get(es["name"]))
             judged = {"judge": judge_into(judge, get_task(es["task"]), recs, texts, cfg, per, corpus)} \
                 if judge is not None else {}
             cell = {"method": arm, "seed": s, "eval_set": es["name"], "trained": st is not None,
@@ -720,6 +858,22 @@ def run(cfg: CompareConfig) -> dict:
             results["attribution"][es["name"]] = {"n_users": len(set(r["user_id"] for r in eval_records[es["name"]])),
                                                  "chance": gold["chance"], "majority": gold["chance_majority"],
                                                  "uniform": gold["chance_uniform"], "ceiling": gold["share"]}
+    if specific and personal:   # how the two personal-token definitions overlap (model-independent)
+        from ..specificity import overlap
+        results["token_sets"] = {name: overlap(personal[name], pos) for name, pos in specific.items()}
+    if cfg.copy_control:
+        from ..attribution import gold_ceiling
+        results["attribution_loo"] = {}
+        for es in eval_sets:   # the users' own text under the classifier that never saw the shown items
+            loo = loo_attributors.get(es["name"])
+            if loo is None:    # every cell was finished before: fit it for the ceiling
+                from ..attribution import fit_leave_shown_out
+                loo = fit_leave_shown_out(eval_records[es["name"]], _shown_items(
+                    load_base(cfg)[1], eval_records[es["name"]], es, cfg), seed=0)
+            gold = gold_ceiling(loo, eval_records[es["name"]])
+            results["attribution_loo"][es["name"]] = {"ceiling": gold["share"], "ceiling_macro": gold["share_macro"],
+                                                      "chance_macro": gold["chance_macro"],
+                                                      "classifiers": loo.n_classifiers}
     if judge_desc is not None:
         from ..judge import note_for
         results["judge"] = {**judge_desc, "note": note_for(judge_desc["judge"], judge_desc.get("model")),

@@ -23,16 +23,22 @@ from ..files import write_bytes_atomic
 from ..losses import CLIPPED_METHODS, METHODS
 from ..options import DecodingOptions
 
-BASE_METHODS = ("base_profile", "base_noprofile")
+# copy_retrieved: no model at all, the prediction is the first profile item shown in the prompt (cut
+# to the generation budget): what pure copying scores on every metric.
+COPY_BASELINE = "copy_retrieved"
+BASE_METHODS = ("base_profile", "base_noprofile", COPY_BASELINE)
 TRAINED_METHODS = METHODS
 ALL_METHODS = BASE_METHODS + TRAINED_METHODS
-# compare's default arms: the peer baselines added later (nextquill, dft) run when named, so a config
-# that relies on the default keeps its arms and cells.
-DEFAULT_METHODS = BASE_METHODS + ("ce", "lossce", "entce", "perce", "jsd", "threshold")
+# compare's default arms: the arms added later (nextquill, dft, copy_retrieved) run when named, so a
+# config that relies on the default keeps its arms and cells.
+DEFAULT_METHODS = ("base_profile", "base_noprofile", "ce", "lossce", "entce", "perce", "jsd", "threshold")
 REFERENCE = "ce"
 # An arm "X+contrast" is method X's model decoded with profile-contrastive decoding
-# (compare's contrast_arm_alpha); base_noprofile has no profile to contrast.
+# (compare's contrast_arm_alpha); base_noprofile has no profile to contrast. An arm "X+noprofile" is a
+# trained X's model decoded from the prompt WITHOUT the profile: does the trained model use the profile?
 CONTRAST_SUFFIX = "+contrast"
+NOPROFILE_SUFFIX = "+noprofile"
+DECODE_SUFFIXES = (CONTRAST_SUFFIX, NOPROFILE_SUFFIX)
 
 # Metrics beside ROUGE/METEOR, from compare's own measurements. Shares are shown x100 like the
 # overlap metrics; NLL and PIR are in nats, lower NLL is better.
@@ -41,7 +47,16 @@ ATTRIBUTION_METRICS = ("attributed",)
 DEGENERATION_METRICS = ("hit_cap", "loop")
 # The LLM judge (judge.py): the 1-5 score is shown as it is, its digit mass x100 like a share.
 JUDGE_METRICS = ("judge", "judge_mass")
-_UNSCALED = set(LIKELIHOOD_METRICS) | {"judge"}
+# compare's repetition option: with the n-gram ban as decoded, and with it off (a second decoding).
+# distinct_2 and the *_macro shares are corpus values (no per-example score, so no paired difference).
+REPETITION_METRICS = ("seq_rep_4", "distinct_2", "noban_seq_rep_4", "noban_distinct_2", "noban_loop",
+                      "noban_hit_cap")
+# compare's copy_control option: copying from the prompt's profile and attribution that cannot be won
+# by copying it (the classifier never saw the items shown in that example's prompt).
+COPY_METRICS = ("copy_rate", "copy_span", "attributed_loo", "attributed_loo_macro")
+# compare's specific_tokens option: NLL on the gold tokens specific to the user (specificity.py) and the rest
+SPECIFIC_METRICS = ("nll_specific", "nll_nonspecific")
+_UNSCALED = set(LIKELIHOOD_METRICS) | set(SPECIFIC_METRICS) | {"judge", "copy_span"}
 
 
 # An arm "X@name" is trained method X with compare's variants[name] (TrainConfig overrides, e.g.
@@ -50,8 +65,16 @@ VARIANT_SEP = "@"
 
 
 def model_method(arm: str) -> str:
-    """The model an arm decodes with: "perce+contrast" -> "perce", "perce@norm+contrast" -> "perce@norm"."""
-    return arm[: -len(CONTRAST_SUFFIX)] if arm.endswith(CONTRAST_SUFFIX) else arm
+    """The model an arm decodes with: "perce+contrast" -> "perce", "perce@norm+noprofile" -> "perce@norm"."""
+    for suffix in DECODE_SUFFIXES:
+        if arm.endswith(suffix):
+            return arm[: -len(suffix)]
+    return arm
+
+
+def uses_profile(arm: str) -> bool:
+    """Whether an arm's prompts hold the profile (base_noprofile and X+noprofile do not)."""
+    return train_method(arm) != "base_noprofile" and not arm.endswith(NOPROFILE_SUFFIX)
 
 
 def train_method(arm: str) -> str:
@@ -79,8 +102,12 @@ def report_metrics(cfg) -> list[str]:
     itself: likelihood metrics, attribution, degeneration."""
     out = list(cfg.metrics) if cfg.generate else []
     out += list(LIKELIHOOD_METRICS) if cfg.likelihood else []
+    out += list(SPECIFIC_METRICS) if cfg.likelihood and getattr(cfg, "specific_tokens", False) else []
     out += list(ATTRIBUTION_METRICS) if cfg.attribution and cfg.generate else []
     out += list(DEGENERATION_METRICS) if cfg.generate else []
+    out += list(REPETITION_METRICS) if getattr(cfg, "repetition", False) and cfg.generate else []
+    if getattr(cfg, "copy_control", False) and cfg.generate:
+        out += list(COPY_METRICS) + (["attributed_macro"] if cfg.attribution else [])
     out += list(JUDGE_METRICS) if getattr(cfg, "judge", None) and cfg.generate else []
     return out
 
@@ -172,7 +199,7 @@ def _row(cfg, m: str, mc: list[dict], ref_cells: list[dict], metrics: list[str])
            "shared_seeds": None, "train_s": sum(c["train_s"] for c in mc) / len(mc),
            "eval_s": sum(c["eval_s"] for c in mc) / len(mc),
            "peak_mem_mb": max(c["peak_mem_bytes"] for c in mc) / 2 ** 20, "mem_kind": mc[0]["mem_kind"],
-           "deterministic": det, **_prompt_counts(mc)}
+           "deterministic": det, "lr": mc[0].get("lr"), **_prompt_counts(mc)}
     for metric in metrics:
         d = t_interval([c["metrics"][metric] for c in mc]).as_dict()
         if det:  # greedy, untrained: every seed gives the same output
@@ -185,6 +212,12 @@ def _row(cfg, m: str, mc: list[dict], ref_cells: list[dict], metrics: list[str])
     for metric in metrics if pm else []:
         row["vs_ce"][metric], row["gain_pct"][metric] = vs_reference(pm, pr, metric, cfg.bootstrap_resamples)
     return row
+
+
+def _setting_for(cfg, method: str, st: dict) -> dict:
+    """The grid point with ``method``'s own learning rate (compare's method_learning_rates), if any."""
+    lr = (getattr(cfg, "method_learning_rates", None) or {}).get(model_method(method))
+    return st if lr is None else {**st, "lr": float(lr)}
 
 
 def summarize(cfg, cells: list[dict], eval_sets: list[dict], settings: list[dict],
@@ -202,10 +235,10 @@ def summarize(cfg, cells: list[dict], eval_sets: list[dict], settings: list[dict
     groups = []
     for es in eval_sets:
         for st in settings:
-            ref_cells = _cells_for(cells, REFERENCE, es["name"], st, cfg.seeds)
+            ref_cells = _cells_for(cells, REFERENCE, es["name"], _setting_for(cfg, REFERENCE, st), cfg.seeds)
             rows = []
             for m in cfg.methods:
-                mc = _cells_for(cells, m, es["name"], st, base_seeds if is_base(m) else cfg.seeds)
+                mc = _cells_for(cells, m, es["name"], _setting_for(cfg, m, st), base_seeds if is_base(m) else cfg.seeds)
                 if mc:
                     rows.append(_row(cfg, m, mc, ref_cells, metrics))
             groups.append({"eval_set": es["name"], "task": es["task"], "data": es["data"],
@@ -226,7 +259,7 @@ def learning_curves(cells: list[dict]) -> dict:
     out: dict = {}
     for c in sorted(cells, key=lambda c: (c["method"], c["seed"])):
         curve = (c.get("train") or {}).get("curve")
-        if not curve or c["method"].endswith(CONTRAST_SUFFIX):
+        if not curve or c["method"] != model_method(c["method"]):
             continue
         label = c["method"] + (f" lr{c['lr']:g}" if c.get("lr") else "") + \
             (f" [{c['clip_min']:g},{c['clip_max']:g}]" if c.get("clip_min") is not None else "")
@@ -270,7 +303,13 @@ def plot_curves(curves: dict, path: Path, title: str) -> None:
 _LABEL = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
           "meteor": "METEOR", "nll": "NLL/token", "nll_personal": "NLL personal", "nll_other": "NLL other",
           "mean_pir": "mean PIR", "attributed": "own-author %", "hit_cap": "hit cap %", "loop": "loop %",
-          "judge": "judge 1-5", "judge_mass": "judge digit mass %"}
+          "judge": "judge 1-5", "judge_mass": "judge digit mass %",
+          "rouge1_precision": "ROUGE-1 P", "rouge1_recall": "ROUGE-1 R", "rougeL_precision": "ROUGE-L P",
+          "rougeL_recall": "ROUGE-L R", "nll_specific": "NLL user-specific", "nll_nonspecific": "NLL not specific",
+          "seq_rep_4": "seq-rep-4 %", "distinct_2": "distinct-2 %", "noban_seq_rep_4": "seq-rep-4 no ban %",
+          "noban_distinct_2": "distinct-2 no ban %", "noban_loop": "loop no ban %", "noban_hit_cap": "hit cap no ban %",
+          "copy_rate": "copy rate %", "copy_span": "copied span (words)", "attributed_loo": "own-author, shown left out %",
+          "attributed_loo_macro": "own-author, shown left out, per user %", "attributed_macro": "own-author per user %"}
 
 
 def _fmt_iv(d: dict, metric: str = "") -> str:
@@ -324,8 +363,10 @@ def _group_tables(res: dict, g: dict) -> list[str]:
     label = [_LABEL.get(m, m) for m in res["metrics"]]
     head = ["method", "seeds"] + label + ["train+load s", "eval s", "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    own_lr = any(r.get("lr") is not None and r["lr"] != g["lr"] for r in g["rows"])   # method_learning_rates
     for r in g["rows"]:
-        cells = [r["method"], str(len(r["seeds"]))] + [_fmt_iv(r["metrics"][m], m) for m in res["metrics"]]
+        name = f"{r['method']} (lr {r['lr']:g})" if own_lr and r.get("lr") is not None else r["method"]
+        cells = [name, str(len(r["seeds"]))] + [_fmt_iv(r["metrics"][m], m) for m in res["metrics"]]
         cells += [f"{r['train_s']:.0f}", f"{r['eval_s']:.0f}", f"{r['peak_mem_mb']:.0f} ({r['mem_kind']})"]
         lines.append("| " + " | ".join(cells) + " |")
     head = ["method", "shared seeds with ce"] + \

@@ -5,12 +5,14 @@
 
 The output directory gets checkpoints (``checkpoint-N``, resumable with ``--resume``),
 the final model or adapter with its tokenizer, ``train_config.yaml`` and
-``train_results.json`` (loss per logged step, mean PIR / weight, wall time, versions).
+``train_results.json`` (loss per logged step, mean PIR / weight, wall time, versions; with
+``--keep-best`` / ``--early-stopping-patience`` also ``best_step``, ``best_val_nll``, ``stopped_early``).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,22 @@ class TrainConfig(ModelDataOptions, LossOptions):
                            "val_nll (model in eval mode, no gradient).")
     eval_every: int = field(0, help="Steps between val_nll evaluations (0: none).")
     eval_limit: int = field(32, help="Use the first N --eval-data records for val_nll.")
+    keep_best: bool = field(False, help="At the end of training, put back the weights of the evaluation with "
+                            "the lowest val_nll (step 0, the untrained model, is a candidate; the earliest wins a "
+                            "tie; the last step is evaluated too). Needs --eval-data and --eval-every. The "
+                            "snapshot is a CPU copy of the trainable parameters (LoRA: the adapters, a few MB; "
+                            "full fine-tuning of a 135M model: ~540 MB in float32), kept in memory and in every "
+                            "checkpoint's percontrast_state.pt, so --resume keeps it. The final model in "
+                            "--output-dir is the best one; checkpoint-N still holds step N's weights (what "
+                            "--resume continues from). Not under FSDP or ZeRO-3 (sharded weights).")
+    early_stopping_patience: int = field(0, help="Stop training after N consecutive val_nll evaluations without "
+                                         "an improvement (0: off); an evaluation improves when its val_nll is more "
+                                         "than --early-stopping-threshold below that of the last evaluation that "
+                                         "improved (step 0 is the first). Every process decides on rank 0's "
+                                         "val_nll, so all stop at the same step. Needs --eval-data and --eval-every.")
+    early_stopping_threshold: float = field(0.0, help="With --early-stopping-patience: how far val_nll (nats per "
+                                            "token) must fall to count as an improvement (0: any decrease; val_nll "
+                                            "is logged to 6 decimals).")
     group_by_length: bool = field(False, help="Put examples of similar length in the same batch (by response "
                                   "length, then with-profile prompt length, within shuffled pools of 50 steps; "
                                   "the steps in random order; every example once per epoch, the same batches "
@@ -82,6 +100,13 @@ class TrainConfig(ModelDataOptions, LossOptions):
             raise UserError("need eval_every >= 0 and eval_limit >= 1")
         if bool(self.eval_data) != (self.eval_every > 0):
             raise UserError("a learning curve needs both --eval-data and --eval-every > 0")
+        if self.early_stopping_patience < 0 or self.early_stopping_threshold < 0:
+            raise UserError("need early_stopping_patience >= 0 (0: off) and early_stopping_threshold >= 0")
+        for name in ("keep_best", "early_stopping_patience"):
+            if getattr(self, name) and self.eval_every == 0:
+                raise UserError(f"{name} decides by val_nll: give --eval-data and --eval-every > 0")
+        if self.early_stopping_threshold and not self.early_stopping_patience:
+            raise UserError("early_stopping_threshold only applies with --early-stopping-patience > 0")
         from transformers.training_args import OptimizerNames
         known = [o.value for o in OptimizerNames]
         if self.optim not in known:
@@ -188,7 +213,9 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, records: list[dict], *, ca
                                desc="encoding eval")
         collate = PairedCollator(tokenizer.pad_token_id)
         curve = ValidationCurve([collate(eval_rows[i:i + cfg.batch_size])
-                                 for i in range(0, len(eval_rows), cfg.batch_size)], cfg.eval_every)
+                                 for i in range(0, len(eval_rows), cfg.batch_size)], cfg.eval_every,
+                                keep_best=cfg.keep_best, patience=cfg.early_stopping_patience,
+                                threshold=cfg.early_stopping_threshold)
         callbacks = list(callbacks or []) + [curve]
     args = training_arguments(cfg)
     if cfg.group_by_length:   # one optimizer step's examples: batch x accumulation x processes
@@ -201,6 +228,8 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, records: list[dict], *, ca
                            perce_args=cfg, example_ids=[r["id"] for r in records], callbacks=callbacks)
     if curve is not None:
         curve.trainer = trainer
+        if cfg.keep_best:
+            _refuse_sharded_keep_best(trainer)
     _progress_display(trainer, cfg.progress)
     _warn_fsdp_dropped(trainer)
     return trainer, builder
@@ -217,19 +246,76 @@ def _warn_fsdp_dropped(trainer) -> None:
               "with DDP (every process holds the whole model); see docs/scaling.md", file=sys.stderr)
 
 
+@dataclass(frozen=True)
+class BestSoFar:
+    """What early stopping and --keep-best know after the val_nll evaluations so far."""
+    step: int | None = None      # the evaluation with the lowest val_nll (the earliest on a tie)
+    val_nll: float = math.inf
+    ref: float = math.inf        # val_nll of the last evaluation that improved by more than the threshold
+    stale: int = 0               # evaluations since that one
+
+
+def track_best(best: BestSoFar, step: int, val_nll: float, threshold: float = 0.0) -> BestSoFar:
+    """``best`` after one more evaluation. The lowest val_nll is kept apart from the patience reference
+    so a threshold never hides the lowest point from --keep-best; a NaN never improves anything."""
+    lowest = val_nll < best.val_nll
+    improved = val_nll < best.ref - threshold
+    return BestSoFar(step if lowest else best.step, val_nll if lowest else best.val_nll,
+                     val_nll if improved else best.ref, 0 if improved else best.stale + 1)
+
+
+def trainable_snapshot(model) -> dict:
+    """A detached CPU copy of the trainable parameters, by name (what --keep-best keeps)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_trainable(model, params: dict) -> None:
+    """Copy ``trainable_snapshot``'s tensors back into the model's parameters, in place."""
+    import torch
+
+    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if own.keys() != params.keys():
+        raise UserError("--keep-best: the saved best weights do not match this model's trainable parameters "
+                        "(another --lora setting than the checkpoint's run?)")
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(params[n])
+
+
+def _refuse_sharded_keep_best(trainer) -> None:
+    """Each process would snapshot only its shard, and rank 0 would checkpoint only its own."""
+    ds = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and ds is not None and ds.zero_stage == 3):
+        raise UserError("--keep-best does not work with sharded weights (FSDP, DeepSpeed ZeRO-3); "
+                        "train with DDP or ZeRO-1/2, or drop --keep-best")
+
+
 class ValidationCurve:
     """Trainer callback: log ``val_nll`` (NLL per token of the validation gold responses, with the
-    profile, eval mode, no gradient) at step 0 and every ``every`` optimizer steps."""
+    profile, eval mode, no gradient) at step 0 and every ``every`` optimizer steps.
 
-    def __init__(self, batches: list[dict], every: int):
+    Every process evaluates all batches on its own replica; rank 0's sums are then broadcast, so
+    ``log_history`` and the decisions below are the same on every process even where replicas'
+    floating-point results could differ. With ``keep_best`` / ``patience`` it also tracks the best
+    evaluation (``track_best``), snapshots its weights into ``trainer.best_snapshot`` (checkpointed
+    with the PerCE state), stops training after ``patience`` evaluations without improvement, puts
+    the best weights back at the end and logs ``best_step``, ``best_val_nll`` and ``stopped_early``.
+    On ``--resume`` the tracking is replayed from the checkpoint's ``log_history``; the snapshot
+    comes from its ``percontrast_state.pt`` and must be the one of the replayed best step."""
+
+    def __init__(self, batches: list[dict], every: int, keep_best: bool = False, patience: int = 0,
+                 threshold: float = 0.0):
         self.batches, self.every, self.trainer = batches, every, None
+        self.keep_best, self.patience, self.threshold = keep_best, patience, threshold
+        self.tracking = keep_best or patience > 0
+        self.best, self.stopped_early = BestSoFar(), False
 
     def __getattr__(self, name):
         if name.startswith("on_"):
             return lambda *a, **k: None
         raise AttributeError(name)
 
-    def _log(self, state, model):
+    def _val_nll(self, model) -> float:
         from ..scoring import response_nll
         from ..trainer import eval_mode
 
@@ -239,15 +325,81 @@ class ValidationCurve:
             for b in self.batches:
                 s, n = response_nll(model, {k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()})
                 total, count = total + s, count + n
-        self.trainer.log({"val_nll": round(total / max(count, 1.0), 6)})
+        acc = self.trainer.accelerator
+        if acc.num_processes > 1:
+            import torch
+            from accelerate.utils import broadcast
+            total, count = broadcast(torch.tensor([total, count], dtype=torch.float64, device=acc.device)).tolist()
+        return round(total / max(count, 1.0), 6)
+
+    def _evaluate(self, state, control, model) -> None:
+        val = self._val_nll(model)
+        self._log({"val_nll": val}, control)
+        if not self.tracking:
+            return
+        # Not state.best_metric / best_global_step: the Trainer would then protect and prune checkpoints
+        # by them; the val_nll entries of log_history (restored on --resume) say all there is.
+        self.best = track_best(self.best, state.global_step, val, self.threshold)
+        if self.keep_best and self.best.step == state.global_step:
+            self.trainer.best_snapshot = {"step": state.global_step, "val_nll": val,
+                                          "params": trainable_snapshot(self.trainer.model)}
+        if self.patience and self.best.stale >= self.patience:
+            control.should_training_stop = True
+            self.stopped_early = state.global_step < state.max_steps
 
     def on_train_begin(self, args, state, control, model=None, **kw):
+        self.best, self.stopped_early = BestSoFar(), False
+        if not self.keep_best:
+            self.trainer.best_snapshot = None    # one a resumed checkpoint held is not ours to carry on
+        if self.tracking:
+            self._resume(state)
         if state.global_step == 0:
-            self._log(state, model)
+            self._evaluate(state, control, model)
+
+    def _resume(self, state) -> None:
+        """Replay the evaluations a resumed checkpoint logged (none on a fresh run) and check its snapshot."""
+        for h in state.log_history:
+            if "val_nll" in h:
+                self.best = track_best(self.best, h["step"], h["val_nll"], self.threshold)
+        if state.global_step == 0:
+            return
+        if self.patience and self.best.stale >= self.patience:
+            raise UserError(f"--resume: this run already stopped early (no val_nll improvement in "
+                            f"{self.best.stale} evaluations); raise --early-stopping-patience to train on")
+        snap = self.trainer.best_snapshot
+        if self.keep_best and (snap is None or snap["step"] != self.best.step):
+            raise UserError(f"--keep-best: the checkpoint at step {state.global_step} holds no snapshot of the "
+                            f"best step ({self.best.step}); its run had no --keep-best. Resume without "
+                            "--keep-best, or train again from the start")
 
     def on_step_end(self, args, state, control, model=None, **kw):
-        if state.global_step % self.every == 0:
-            self._log(state, model)
+        # --keep-best also evaluates the last step, so no trained step is thrown away unseen
+        if state.global_step % self.every == 0 or (self.keep_best and state.global_step >= state.max_steps):
+            self._evaluate(state, control, model)
+
+    def on_train_end(self, args, state, control, **kw):
+        if not self.tracking:
+            return
+        if self.keep_best and self.trainer.best_snapshot is not None:
+            restore_trainable(self.trainer.model, self.trainer.best_snapshot["params"])
+        self._log({"best_step": self.best.step,
+                   "best_val_nll": self.best.val_nll if self.best.step is not None else None,
+                   "stopped_early": self.stopped_early}, control)
+
+    def _log(self, logs: dict, control) -> None:
+        # Trainer.log clears control.should_log: from on_step_end that dropped the step's training loss
+        should_log = control.should_log
+        self.trainer.log(logs)
+        control.should_log = should_log
+
+
+def training_outcome(trainer) -> dict:
+    """``best_step``, ``best_val_nll``, ``stopped_early`` of a run with --keep-best or early stopping
+    (the last such entry of ``log_history``); {} without them."""
+    for h in reversed(trainer.state.log_history):
+        if "best_step" in h:
+            return {k: h[k] for k in ("best_step", "best_val_nll", "stopped_early")}
+    return {}
 
 
 def _progress_display(trainer, progress: bool) -> None:
@@ -347,7 +499,7 @@ def run(cfg: TrainConfig) -> dict:
         "method": cfg.method, "refresh": cfg.refresh if cfg.method in CONTRAST_METHODS else None,
         "steps": trainer.state.global_step, "train_loss": result.training_loss, "wall_s": round(wall, 2),
         "examples": len(records), **builder.stats.counts(), "skipped_nonfinite": trainer.skipped_nonfinite,
-        "resumed_from": resume_from, "log": logs, "run": run_info(cfg),
+        "resumed_from": resume_from, "log": logs, **training_outcome(trainer), "run": run_info(cfg),
     }
     if main_proc:
         write_text_atomic(out / "train_results.json", json.dumps(summary, indent=2, default=str))
