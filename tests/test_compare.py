@@ -420,21 +420,26 @@ def test_no_generate_needs_likelihood_and_no_contrast_arms(tmp_path):
         _cfg(tmp_path, methods=["ce", "base_noprofile+contrast"])
 
 
-def test_contrast_arm_attribution_and_degeneration(tmp_path, monkeypatch):
-    """X+contrast decodes X's model (trained once) with contrast at contrast_arm_alpha; every generating
-    cell carries hit_cap / loop per example, and attribution when asked, with chance and ceiling."""
-    trained = []
-    real_train = C.train_model
-    monkeypatch.setattr(C, "train_model", lambda tcfg, recs: trained.append(tcfg.method) or real_train(tcfg, recs))
-    seen = []
+def _spy_training_and_decoding(monkeypatch, what):
+    """Real training and decoding, recorded: the method of every model trained, and ``what(options, kwargs)``
+    of every generate_for call."""
     import percontrast.generation as G
-    real_gen = G.generate_for
+    trained, seen = [], []
+    real_train, real_gen = C.train_model, G.generate_for
+    monkeypatch.setattr(C, "train_model", lambda tcfg, recs: trained.append(tcfg.method) or real_train(tcfg, recs))
 
     def spy(model, tok, recs, task, prompt_opts, options, **kw):
-        seen.append(options.contrast_alpha)
+        seen.append(what(options, kw))
         return real_gen(model, tok, recs, task, prompt_opts, options, **kw)
 
     monkeypatch.setattr(G, "generate_for", spy)
+    return trained, seen
+
+
+def test_contrast_arm_attribution_and_degeneration(tmp_path, monkeypatch):
+    """X+contrast decodes X's model (trained once) with contrast at contrast_arm_alpha; every generating
+    cell carries hit_cap / loop per example, and attribution when asked, with chance and ceiling."""
+    trained, seen = _spy_training_and_decoding(monkeypatch, lambda options, kw: options.contrast_alpha)
     cfg = _cfg(tmp_path, seeds=[0], methods=["ce", "ce+contrast", "base_profile+contrast"], attribution=True,
                contrast_arm_alpha=1.5, max_new_tokens=4)
     C.run(cfg)
@@ -689,18 +694,8 @@ def test_noprofile_copy_arms_repetition_and_copy_control(tmp_path, monkeypatch):
     """X+noprofile decodes X's model (trained once) from the profile-free prompt; copy_retrieved predicts the
     first shown item cut to max_new_tokens, with no decoding; repetition decodes each arm again with the
     n-gram ban off; copy_control scores copying and leave-shown-out attribution."""
-    trained = []
-    real_train = C.train_model
-    monkeypatch.setattr(C, "train_model", lambda tcfg, recs: trained.append(tcfg.method) or real_train(tcfg, recs))
-    seen = []
-    import percontrast.generation as G
-    real_gen = G.generate_for
-
-    def spy(model, tok, recs, task, prompt_opts, options, **kw):
-        seen.append((kw["use_profile"], options.no_repeat_ngram_size))
-        return real_gen(model, tok, recs, task, prompt_opts, options, **kw)
-
-    monkeypatch.setattr(G, "generate_for", spy)
+    trained, seen = _spy_training_and_decoding(
+        monkeypatch, lambda options, kw: (kw["use_profile"], options.no_repeat_ngram_size))
     cfg = _cfg(tmp_path, seeds=[0], methods=["ce", "ce+noprofile", "copy_retrieved"], attribution=True,
                repetition=True, copy_control=True, no_repeat_ngram_size=2, max_new_tokens=6)
     C.run(cfg)
