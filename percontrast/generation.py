@@ -33,7 +33,11 @@ instead of ``model.generate``, for speed on small CPUs:
   (``batch_select_indices``) once a quarter of the batch has finished (``COMPACT_SHARE``), so the
   remaining rows stop paying for them without a cache copy per finished row; ``model.generate``
   keeps computing finished rows until the whole batch is done;
-* the KV cache is allocated once per batch and written in place (``new_cache``), not concatenated.
+* the KV cache is allocated once per batch and written in place (``new_cache``), not concatenated;
+* a batch of more than ``PREFILL_CHUNK`` rows is prefilled that many rows at a time, each chunk at its
+  own padded length, into one cache (``_merge_prefills``), so a large batch (``batch_size`` 0: up to
+  ``AUTO_BATCH_CAP`` rows, from free memory) decodes many rows per step without paying the longest
+  prompt's length for every row in the prefill.
 
 Position ids come from the attention mask (each row counts only its real tokens), so a
 left-padded row computes what it would compute alone; ``tests/test_generation.py``
