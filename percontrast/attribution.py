@@ -88,7 +88,7 @@ def _norm_words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-class _Copies:
+class CopyIndex:
     """Index of texts that must not be trained on: their 13-word n-grams, and the shorter ones whole.
     Same rule as ``datasets.splits._HeldOut`` (the library cannot import the datasets layer)."""
 
@@ -187,7 +187,8 @@ class Attributor:
         return out
 
 
-def _item_text(item: dict, fields: Sequence[str]) -> str:
+def item_text(item: dict, fields: Sequence[str]) -> str:
+    """A profile item's ``fields`` that hold text, joined by newlines (what attribution trains on)."""
     return "\n".join(str(item[f]) for f in fields if isinstance(item.get(f), (str, int, float))
                      and not isinstance(item.get(f), bool) and str(item[f]).strip())
 
@@ -215,7 +216,7 @@ class _Pool:
 def _pool(records: Sequence[dict], fields: tuple[str, ...], user_field: str) -> _Pool:
     if not fields:
         raise ValueError("profile_fields is empty: name the profile item fields to train on, e.g. ('text',)")
-    golds = _Copies(r.get("output") or "" for r in records)
+    golds = CopyIndex(r.get("output") or "" for r in records)
     # user -> {normalized text: text, or None when it copies a gold output}; one entry per distinct item
     items: dict[str, dict[str, str | None]] = {}
     for r in records:
@@ -225,7 +226,7 @@ def _pool(records: Sequence[dict], fields: tuple[str, ...], user_field: str) -> 
                              f"of every record (pass user_field= if it is named otherwise)")
         mine = items.setdefault(str(user), {})
         for item in r.get("profile") or []:
-            text = _item_text(item, fields) if isinstance(item, dict) else ""
+            text = item_text(item, fields) if isinstance(item, dict) else ""
             key = " ".join(_norm_words(text))
             if key and key not in mine:
                 mine[key] = None if golds.hit(text) else text
@@ -312,7 +313,7 @@ def _shown_words(entry: Any, fields: tuple[str, ...], where: str) -> str:
     if isinstance(entry, str):
         text = entry
     elif isinstance(entry, dict):
-        text = _item_text(entry, fields)
+        text = item_text(entry, fields)
     else:
         raise ValueError(f"{where} has type {type(entry).__name__}: a shown item is its text (str) or the item (dict)")
     return " " + " ".join(_norm_words(text)) + " "

@@ -132,13 +132,13 @@ def _full_attention_only(model) -> bool:
 # Finished rows leave the batch (a copy of the KV cache) once at most this share of its rows is live;
 # until then they ride along: one copy per quarter of the batch instead of one per finished row.
 COMPACT_SHARE = 0.75
-# batch_size 0: at most this many decoding rows. On 2 CPU cores a greedy step at 155 rows is at the matmul
-# peak plus the KV cache's memory bandwidth, and still 1.3x the tokens/s of 64 rows
-# (benchmarks/results/eval_cell.md); past that there is no study batch to fill.
+# batch_size 0: at most this many decoding rows. A decoding step's weights are read once for all its rows,
+# so more rows per step is more tokens per second until compute or the KV cache's bandwidth binds; a study
+# eval set (155 mails) fits one batch (benchmarks/eval_cell.py times that path against the old one).
 AUTO_BATCH_CAP = 256
-# ... and at most this many rows per likelihood forward on a CPU: a forward of 16 rows x ~100 tokens is
-# already compute-bound there, and every extra row only adds padding (email test, gold after the prompt
-# cache: padded/real tokens 1.38 at 36 rows, ~1.15 at 16). A GPU gets AUTO_BATCH_CAP.
+# ... and at most this many rows per likelihood forward on a CPU: a forward of 16 rows x ~100 tokens
+# already keeps the matmuls busy there, and every extra row in a length-sorted batch only adds padding
+# (the batch pads to its longest row). A GPU gets AUTO_BATCH_CAP.
 CPU_SCORE_BATCH_CAP = 16
 PREFILL_CHUNK = 16           # rows per prefill forward of a larger decoding batch (see _prefill)
 AUTO_BATCH_SHARE = 0.25      # ... within this share of the free memory
@@ -237,10 +237,14 @@ def _merge_prefills(model, parts: list[tuple], new_tokens: int):
 
 
 def _prefill_pair(model, first: list[list[int]], second: list[list[int]], pad_id: int, device, new_tokens: int):
-    """``_prefill`` of ``first + second`` as one batch of 2B rows, but each half prefilled at its own
-    padded length (``_merge_prefills``): the counterfactual prompts of contrastive decoding are often
-    much shorter than the with-profile ones, and one joint batch would run them at the longer length."""
-    return _merge_prefills(model, [_prefill(model, part, pad_id, device) for part in (first, second)], new_tokens)
+    """``_prefill`` of ``first + second`` as one batch of 2B rows, each half prefilled on its own (the
+    counterfactual prompts of contrastive decoding are often much shorter than the with-profile ones,
+    and one joint batch would run them at the longer length), and each half in chunks of
+    ``PREFILL_CHUNK`` rows as ``_prefill`` does for a large batch; all merged once (``_merge_prefills``)."""
+    c = PREFILL_CHUNK
+    parts = [_prefill(model, part[i:i + c], pad_id, device) for part in (first, second)
+             for i in range(0, len(part), c)]
+    return _merge_prefills(model, parts, new_tokens)
 
 
 class NGramBan:

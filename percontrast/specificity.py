@@ -57,7 +57,7 @@ import re
 from collections import Counter
 from typing import Mapping, Sequence
 
-from .attribution import _Copies, _item_text
+from .attribution import CopyIndex, item_text
 from .degeneration import words
 
 Z_MIN = 1.96
@@ -89,7 +89,7 @@ def profile_word_counts(records: Sequence[dict], profile_fields: Sequence[str] =
     fields = tuple(profile_fields)
     if not fields:
         raise ValueError("profile_fields is empty: name the profile item fields to count, e.g. ('text',)")
-    golds = _Copies(r.get("output") or "" for r in records)
+    golds = CopyIndex(r.get("output") or "" for r in records)
     seen: dict[str, set[str]] = {}
     counts: dict[str, Counter] = {}
     dropped = 0
@@ -100,7 +100,7 @@ def profile_word_counts(records: Sequence[dict], profile_fields: Sequence[str] =
                              f"of every record (pass user_field= if it is named otherwise)")
         mine, c = seen.setdefault(str(user), set()), counts.setdefault(str(user), Counter())
         for item in r.get("profile") or []:
-            text = _item_text(item, fields) if isinstance(item, dict) else ""
+            text = item_text(item, fields) if isinstance(item, dict) else ""
             ws = words(text)
             key = " ".join(ws)
             if not key or key in mine:

@@ -96,9 +96,13 @@ def test_equals_transformers_guidance_on_single_prompts(model_tok, alpha):
         _assert_decisive(model, tok, [(pw, po)], [ours], opts)
 
 
-@pytest.mark.parametrize("guard", [0.0, 0.1])
-def test_batched_equals_one_at_a_time(model_tok, guard):
-    """Padded batches of 2B rows (both prompts of every row, different lengths) equal each pair alone."""
+@pytest.mark.parametrize("guard,chunk", [(0.0, None), (0.1, None), (0.1, 2)])
+def test_batched_equals_one_at_a_time(model_tok, guard, chunk, monkeypatch):
+    """Padded batches of 2B rows (both prompts of every row, different lengths) equal each pair alone;
+    chunk 2: each half of a batch of 4 prefilled 2 rows at a time (PREFILL_CHUNK) before the merge."""
+    import percontrast.generation as G
+    if chunk:
+        monkeypatch.setattr(G, "PREFILL_CHUNK", chunk)
     model, tok = model_tok
     pairs = _pairs(tok)
     opts = DecodingOptions(max_new_tokens=N_NEW, contrast_alpha=1.0, contrast_plausibility=guard)

@@ -214,12 +214,6 @@ def _row(cfg, m: str, mc: list[dict], ref_cells: list[dict], metrics: list[str])
     return row
 
 
-def _setting_for(cfg, method: str, st: dict) -> dict:
-    """The grid point with ``method``'s own learning rate (compare's method_learning_rates), if any."""
-    lr = (getattr(cfg, "method_learning_rates", None) or {}).get(model_method(method))
-    return st if lr is None else {**st, "lr": float(lr)}
-
-
 def summarize(cfg, cells: list[dict], eval_sets: list[dict], settings: list[dict],
               base_seeds: list[int]) -> dict:
     """results.json's content: one group per (eval set, grid point), one row per method.
@@ -235,10 +229,10 @@ def summarize(cfg, cells: list[dict], eval_sets: list[dict], settings: list[dict
     groups = []
     for es in eval_sets:
         for st in settings:
-            ref_cells = _cells_for(cells, REFERENCE, es["name"], _setting_for(cfg, REFERENCE, st), cfg.seeds)
+            ref_cells = _cells_for(cells, REFERENCE, es["name"], cfg.setting_for(REFERENCE, st), cfg.seeds)
             rows = []
             for m in cfg.methods:
-                mc = _cells_for(cells, m, es["name"], _setting_for(cfg, m, st), base_seeds if is_base(m) else cfg.seeds)
+                mc = _cells_for(cells, m, es["name"], cfg.setting_for(m, st), base_seeds if is_base(m) else cfg.seeds)
                 if mc:
                     rows.append(_row(cfg, m, mc, ref_cells, metrics))
             groups.append({"eval_set": es["name"], "task": es["task"], "data": es["data"],
