@@ -273,6 +273,11 @@ def parse_clip(text: str) -> tuple[float, float]:
 
 # ---------------------------------------------------------------- cells
 
+def _train_dir_name(method: str, seed: int, setting: dict) -> str:
+    clip = f"__clip{setting['clip_min']:g}-{setting['clip_max']:g}" if uses_clip(method) else ""
+    return f"{method}__seed{seed}__lr{setting['lr']:g}{clip}"
+
+
 def cell_key(method: str, seed: int, setting: dict, eval_name: str, trained: bool) -> str:
     if not trained:  # the base model does not depend on lr / clip
         return f"{method}__seed{seed}__{eval_name}"
@@ -449,25 +454,121 @@ class _NoSave:
         return control
 
 
+# A checkpointed job's folder (``train: {save_steps: N}``): JOB_FILE names the training it belongs
+# to, FINAL holds the trained (kept) model and its info once training ended, so that a run stopped
+# during the evaluations does not train that model again.
+JOB_FILE, FINAL, FINAL_INFO = "compare_job.json", "final", "compare_train_info.json"
+
+
+class _TrainClock:
+    """Training seconds summed over interruptions: at each checkpoint, the seconds trained up to
+    it (this process's plus those of the checkpoint it resumed from), in JOB_FILE's ``train_s``."""
+
+    def __init__(self, out: Path, before: float):
+        self.out, self.before, self.t0 = out, before, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.t0
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return self._noop
+        raise AttributeError(name)
+
+    @staticmethod
+    def _noop(*a, **k):
+        return None
+
+    def on_save(self, args, state, control, **kw):
+        # on_save runs after the checkpoint is published, so the step named here exists
+        job = json.loads((self.out / JOB_FILE).read_text()) if (self.out / JOB_FILE).is_file() else {}
+        job.setdefault("train_s", {})[str(state.global_step)] = round(self.elapsed(), 2)
+        write_text_atomic(self.out / JOB_FILE, json.dumps(job, indent=1))
+
+
+def claim_train_dir(out: Path, job_digest: str) -> None:
+    """Make ``out`` the folder of this training job: kept as it is when it already belongs to it
+    (an interrupted run of the same job), emptied when it holds another job's checkpoints."""
+    import shutil
+
+    job_file = out / JOB_FILE
+    if out.exists():
+        try:
+            same = json.loads(job_file.read_text()).get("job") == job_digest
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if same:
+            return
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    write_text_atomic(job_file, json.dumps({"job": job_digest}, indent=1))
+
+
+def _load_final(tcfg, final: Path):
+    """The model a checkpointed job saved when its training ended: the base model with the saved
+    LoRA adapter on top (loaded on the base as this config names it, not as the adapter recorded
+    it), or the saved fully fine-tuned weights."""
+    from ..models import load_model
+
+    if tcfg.lora:
+        from peft import PeftModel
+        base, tok = tcfg.load_model()
+        model = PeftModel.from_pretrained(base, str(final))
+    else:
+        model, tok = load_model(str(final), dtype=tcfg.dtype, trust_remote_code=tcfg.trust_remote_code)
+    return model, tok
+
+
 def train_model(tcfg, records: list[dict]):
     """Train one model (a fresh copy of the base model) with ``build_trainer``; return
-    (model, tokenizer, info). Tests monkeypatch this to count training calls."""
+    (model, tokenizer, info). Tests monkeypatch this to count training calls.
+
+    With ``tcfg.save_steps > 0`` the job is checkpointed in ``tcfg.output_dir`` (claimed for it by
+    ``claim_train_dir``): a rerun resumes from the latest checkpoint (the Trainer restores weights,
+    optimizer, scheduler, RNG and data position; the PerCE state and the kept-best snapshot come
+    back from percontrast_state.pt, so the result is the uninterrupted run's), and once training
+    has ended the trained model is saved in ``final/``, so a rerun evaluates it without training."""
     import transformers
 
+    from ..checkpointing import latest_checkpoint
+    from ..files import building_dir
     from .train import build_trainer, training_outcome
 
+    out = Path(tcfg.output_dir)
+    checkpointed = tcfg.save_steps > 0
+    if checkpointed and (out / FINAL / FINAL_INFO).is_file():
+        model, tok = _load_final(tcfg, out / FINAL)
+        info = json.loads((out / FINAL / FINAL_INFO).read_text())
+        model.eval()
+        return model, tok, info
     transformers.set_seed(tcfg.seed)
     model, tok = tcfg.load_model()
-    trainer, builder = build_trainer(tcfg, model, tok, records, callbacks=[_NoSave()])
-    t0 = time.perf_counter()
-    result = trainer.train()
+    resume = latest_checkpoint(out) if checkpointed else None
+    before = 0.0
+    if resume is not None:
+        step = resume.rsplit("-", 1)[1]
+        before = json.loads((out / JOB_FILE).read_text()).get("train_s", {}).get(step, 0.0)
+    clock = _TrainClock(out, before)
+    trainer, builder = build_trainer(tcfg, model, tok, records, callbacks=[clock] if checkpointed else [_NoSave()])
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except UserError as e:
+        if resume is None:
+            raise
+        raise UserError(f"{e} (compare resumed {resume}; delete {out} to train this model again)") from None
     info = {"steps": trainer.state.global_step, "train_loss": result.training_loss,
-            "train_s": round(time.perf_counter() - t0, 2), "response_cut": builder.stats.response_cut,
+            "train_s": round(clock.elapsed(), 2), "response_cut": builder.stats.response_cut,
             "log": [h for h in trainer.state.log_history if "loss" in h][-50:],
             "curve": [[h["step"], h["val_nll"]] for h in trainer.state.log_history if "val_nll" in h],
             **training_outcome(trainer)}   # keep_best / early stopping: best_step, best_val_nll, stopped_early
+    if resume is not None:
+        info["resumed_from_step"] = int(resume.rsplit("-", 1)[1])
     model = trainer.model
     model.eval()
+    if checkpointed:
+        with building_dir(out / FINAL) as tmp:
+            trainer.save_model(str(tmp))      # the LoRA adapter, or the whole model, + tokenizer
+            write_text_atomic(tmp / FINAL_INFO, json.dumps(info, indent=1, default=str))
     return model, tok, info
 
 
@@ -780,8 +881,10 @@ def run(cfg: CompareConfig) -> dict:
         t0 = time.perf_counter()
         with PeakMemory() as mem:
             if st is not None:
-                tcfg = cfg.train_config(m, s, st["lr"], (st["clip_min"], st["clip_max"]),
-                                        output_dir=str(out / "_train" / f"{m}__seed{s}"))
+                tdir = out / "_train" / _train_dir_name(m, s, st)
+                tcfg = cfg.train_config(m, s, st["lr"], (st["clip_min"], st["clip_max"]), output_dir=str(tdir))
+                if tcfg.save_steps > 0:   # resumable mid-training: the folder must be this job's
+                    claim_train_dir(tdir, digest(job["cells"][0]["definition"]["train"]))
                 model, tok, info = train_model(tcfg, train_records)
             else:
                 model, tok = load_base(cfg)
@@ -842,6 +945,9 @@ def run(cfg: CompareConfig) -> dict:
                                  for i, r in enumerate(recs)], **judged}
             write_text_atomic(c["path"], json.dumps(cell, indent=1, default=str))
             done += 1
+        if st is not None and tcfg.save_steps > 0:   # every cell of the job is written: its checkpoints go
+            import shutil
+            shutil.rmtree(tdir, ignore_errors=True)
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
