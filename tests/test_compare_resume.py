@@ -167,3 +167,35 @@ def test_claim_train_dir_keeps_its_own_job_and_empties_another(tmp_path):
     (d / "checkpoint-1").mkdir()
     C.claim_train_dir(d, "b")
     assert not (d / "checkpoint-1").exists()
+
+
+def test_a_poisoned_checkpoint_is_refused_in_one_line(tmp_path, monkeypatch):
+    """As ``train --resume`` (tests/test_security.py): a checkpoint file holding a code-running pickle
+    stops the run with one line naming the folder to delete, and its code never runs."""
+    from test_security import _assert_poison_is_live, _poison
+
+    from percontrast.errors import UserError
+    from percontrast.trainer import PerCETrainer
+
+    out = tmp_path / "run"
+    real_step, calls = PerCETrainer.training_step, []
+
+    def dies_in_step_3(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise _Stop
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(PerCETrainer, "training_step", dies_in_step_3)
+    with pytest.raises(_Stop):
+        C.run(_cfg(out))
+    monkeypatch.setattr(PerCETrainer, "training_step", real_step)
+    tdir = out / "_train" / "ce__seed0__lr0.03"
+    target, marker = tdir / "checkpoint-2" / "rng_state.pth", tmp_path / "pwned"
+    _poison(target, marker)
+    _assert_poison_is_live(target, marker)
+    with pytest.raises(UserError) as e:
+        C.run(_cfg(out))
+    assert not marker.exists()
+    msg = str(e.value)
+    assert "Weights only load failed" in msg and f"delete {tdir}" in msg and "\n" not in msg

@@ -16,6 +16,8 @@ evaluate on each).
 Output (``output_dir``): ``cells/<key>.json`` per finished (method, seed, lr, clip, eval
 set), written atomically and reused on a rerun (resume) only when the hash of everything
 that defines the cell (settings, model, data content, decoding, prompt) still matches;
+with ``train: {save_steps: N}``, ``_train/<method>__seed<s>__lr<lr>/`` holds the checkpoints of the
+model being trained, so a stopped run resumes mid-training (``train_model``);
 ``results.json`` and ``results.md`` (per method: mean over seeds with a 95% t-interval;
 against ``ce``, on the seeds both have, paired by seed and example: the mean difference
 with a bootstrap interval over examples and one over seeds then examples, and the
@@ -550,12 +552,15 @@ def train_model(tcfg, records: list[dict]):
         before = json.loads((out / JOB_FILE).read_text()).get("train_s", {}).get(step, 0.0)
     clock = _TrainClock(out, before)
     trainer, builder = build_trainer(tcfg, model, tok, records, callbacks=[clock] if checkpointed else [_NoSave()])
+    from pickle import UnpicklingError
     try:
         result = trainer.train(resume_from_checkpoint=resume)
-    except UserError as e:
+    except (UserError, UnpicklingError) as e:
         if resume is None:
             raise
-        raise UserError(f"{e} (compare resumed {resume}; delete {out} to train this model again)") from None
+        # as train --resume: a checkpoint file that is not plain tensors is refused, never run
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{first} (compare resumed {resume}; delete {out} to train this model again)") from None
     info = {"steps": trainer.state.global_step, "train_loss": result.training_loss,
             "train_s": round(clock.elapsed(), 2), "response_cut": builder.stats.response_cut,
             "log": [h for h in trainer.state.log_history if "loss" in h][-50:],
