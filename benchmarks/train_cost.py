@@ -275,6 +275,7 @@ def timing(a, s, rows, tok, mcfg, tmp) -> dict:
     check_random_order(rows, s, tok, model, a.model, tmp)
     if s["lora"]:
         model = apply_lora(model, cfg)
+    model.train()   # as the Trainer's loop does (load_model hands the model back in eval mode)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s["learning_rate"])
     steps = {}
     for m in ("ce", "perce"):
