@@ -43,6 +43,7 @@ SMOKE: dict[str, tuple[list[str], str] | str] = {
     "scripts/device_check.py": (
         ["--cpu", "--model", "tiny-random", "--steps", "2", "--max-length", "128", "--out", "{tmp}/dc"],
         "dc/summary.md"),
+    "scripts/budget_choice.py": "tests/test_budget_choice.py::test_lowest_nll_inside_the_grid_is_chosen",
     "scripts/study_pairs.py": "tests/test_compare.py::test_study_pairs_script_agrees_with_compare",
     "scripts/study_decoding.py": "tests/test_compare.py::test_study_decoding_trains_the_compare_cell_then_decodes",
 }
