@@ -44,6 +44,12 @@ SMOKE: dict[str, tuple[list[str], str] | str] = {
         ["--cpu", "--model", "tiny-random", "--steps", "2", "--max-length", "128", "--out", "{tmp}/dc"],
         "dc/summary.md"),
     "scripts/budget_choice.py": "tests/test_budget_choice.py::test_lowest_nll_inside_the_grid_is_chosen",
+    "scripts/gpu_study.py": (
+        [str(ROOT / "configs/compare/study-v2/email-budget.yaml"), "--cpu", "--out-root", "{tmp}/gs", "--tar", "{tmp}/gs.tar.gz",
+         "--override", "{model: tiny-random, data: builtin:sample-train, limit: 8, learning_rates: [0.001], "
+         "eval_sets: [{name: val, data: builtin:sample-test, limit: 4}], train: {epochs: 1, max_steps: 2, "
+         "eval_data: builtin:sample-test, eval_limit: 2, eval_every: 1, save_steps: 1}}"],
+        "gs/email-budget/GPU_RUN.md"),
     "scripts/study_pairs.py": "tests/test_compare.py::test_study_pairs_script_agrees_with_compare",
     "scripts/study_decoding.py": "tests/test_compare.py::test_study_decoding_trains_the_compare_cell_then_decodes",
 }
