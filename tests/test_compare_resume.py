@@ -61,26 +61,31 @@ class _Stop(Exception):
     pass
 
 
-def test_training_stopped_mid_way_resumes_to_the_uninterrupted_cells(tmp_path, monkeypatch):
+def _stopped_at_step(monkeypatch, cfg, n: int) -> None:
+    """Run compare with the n-th training step (counted over the whole run) raising, as a kill would."""
     from percontrast.trainer import PerCETrainer
 
+    real, calls = PerCETrainer.training_step, []
+
+    def step(self, *a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise _Stop
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(PerCETrainer, "training_step", step)
+    with pytest.raises(_Stop):
+        C.run(cfg)
+    monkeypatch.setattr(PerCETrainer, "training_step", real)
+
+
+def test_training_stopped_mid_way_resumes_to_the_uninterrupted_cells(tmp_path, monkeypatch):
     ref = tmp_path / "ref"
     C.run(_cfg(ref))
     assert not (ref / "_train").exists() or not any((ref / "_train").iterdir())   # removed once written
 
     out = tmp_path / "run"
-    real_step, calls = PerCETrainer.training_step, []
-
-    def dies_in_perce_step_4(self, *a, **k):   # ce trains 6 steps, then perce dies in its 4th
-        calls.append(1)
-        if len(calls) == 6 + 4:
-            raise _Stop
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(PerCETrainer, "training_step", dies_in_perce_step_4)
-    with pytest.raises(_Stop):
-        C.run(_cfg(out))
-    monkeypatch.setattr(PerCETrainer, "training_step", real_step)
+    _stopped_at_step(monkeypatch, _cfg(out), 6 + 4)        # ce trains 6 steps, then perce dies in its 4th
     tdir = out / "_train" / "perce__seed0__lr0.03__clip0.8-5"
     assert sorted(p.name for p in tdir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert json.loads((tdir / C.JOB_FILE).read_text())["train_s"]["3"] > 0
@@ -97,21 +102,8 @@ def test_training_stopped_mid_way_resumes_to_the_uninterrupted_cells(tmp_path, m
 
 def test_training_of_another_job_is_not_resumed(tmp_path, monkeypatch):
     """A folder left by a job of other settings (here another max_steps) is emptied, not resumed."""
-    from percontrast.trainer import PerCETrainer
-
     out = tmp_path / "run"
-    real_step, calls = PerCETrainer.training_step, []
-
-    def dies_in_step_3(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise _Stop
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(PerCETrainer, "training_step", dies_in_step_3)
-    with pytest.raises(_Stop):
-        C.run(_cfg(out, max_steps=5))
-    monkeypatch.setattr(PerCETrainer, "training_step", real_step)
+    _stopped_at_step(monkeypatch, _cfg(out, max_steps=5), 3)
     assert (out / "_train" / "ce__seed0__lr0.03" / "checkpoint-2").is_dir()
     C.run(_cfg(out))
     ce = _cells(out)["ce__seed0__lr0.03__test.json"]
@@ -175,21 +167,9 @@ def test_a_poisoned_checkpoint_is_refused_in_one_line(tmp_path, monkeypatch):
     from test_security import _assert_poison_is_live, _poison
 
     from percontrast.errors import UserError
-    from percontrast.trainer import PerCETrainer
 
     out = tmp_path / "run"
-    real_step, calls = PerCETrainer.training_step, []
-
-    def dies_in_step_3(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise _Stop
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(PerCETrainer, "training_step", dies_in_step_3)
-    with pytest.raises(_Stop):
-        C.run(_cfg(out))
-    monkeypatch.setattr(PerCETrainer, "training_step", real_step)
+    _stopped_at_step(monkeypatch, _cfg(out), 3)
     tdir = out / "_train" / "ce__seed0__lr0.03"
     target, marker = tdir / "checkpoint-2" / "rng_state.pth", tmp_path / "pwned"
     _poison(target, marker)
