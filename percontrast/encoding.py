@@ -179,6 +179,8 @@ class PromptBuilder:
         return {"id": str(record["id"]), "prompt_with": p_with, "prompt_without": p_without,
                 "response": resp if with_response else [], "n_profile_items": len(items),
                 "profile_removed": removed,
+                # the user turn as text, before any chat template (a text-level export needs it)
+                "prompt_with_text": personalized_prompt(self.task, items, x, pw, iw),
                 # the items as they stand in the with-profile prompt, after retrieval and any cut:
                 # rendered (profile_shown) and as records (profile_items_shown: copy rate, copy baseline)
                 "profile_shown": profile_parts(self.task, items, pw),

@@ -159,37 +159,6 @@ def swift_row(prompt_text: str, segments: list[Segment], system: str | None = No
 
 
 # ----------------------------------------------------------------------------- assembling, writing
-class PromptTextEncoder:
-    """``builder.encode(record)`` plus the with-profile user text it rendered (after any profile or
-    input cut), which a text-level format (ms-swift) needs. The builder renders that text internally;
-    a shadow builder records each (text, ids) its ``prompt_ids`` makes, and the text is the last one
-    whose ids are the encoded with-profile prompt. The shadow has its own ``EncodeStats``, so the
-    caller's counts (from scoring) are not counted twice."""
-
-    def __init__(self, builder):
-        import dataclasses
-
-        from .encoding import EncodeStats
-        self.builder = dataclasses.replace(builder, stats=EncodeStats())
-        self._seen: list[tuple[str, list[int]]] = []
-        plain = self.builder.prompt_ids
-
-        def recording(text: str) -> list[int]:
-            ids = plain(text)
-            self._seen.append((text, ids))
-            return ids
-
-        self.builder.prompt_ids = recording   # instance attribute: only this shadow records
-
-    def __call__(self, record: dict) -> tuple[dict, str]:
-        self._seen.clear()
-        enc = self.builder.encode(record)
-        texts = [t for t, ids in self._seen if ids == enc["prompt_with"]]
-        if not texts:   # a bug, not the user's: encode no longer goes through prompt_ids
-            raise RuntimeError(f"record {record['id']}: the with-profile prompt text was not seen")
-        return enc, texts[-1]
-
-
 COLUMNS = ("id", "user_id", "input_ids", "attention_mask", "labels", "completion_mask", "weights", "pir")
 
 
@@ -202,11 +171,15 @@ class Export:
 
 def build_export(records: list[dict], scored: list[dict], builder, tokenizer, *, swift: bool) -> Export:
     """Rows of every format from the records and their ``score_records`` results (same order)."""
-    encode = PromptTextEncoder(builder)
+    import dataclasses
+
+    from .encoding import EncodeStats
+    # its own counts: the caller's builder already counted these records' cuts while scoring
+    builder = dataclasses.replace(builder, stats=EncodeStats())
     cols: dict[str, list] = {c: [] for c in COLUMNS}
     rows, stats = [], SegmentStats()
     for record, s in zip(records, scored, strict=True):
-        enc, prompt_text = encode(record)
+        enc = builder.encode(record)
         if enc["response"] != s["token_ids"] or str(record["id"]) != s["id"]:
             raise RuntimeError(f"record {record['id']}: encoding differs from the scored one")
         for k, v in example_columns(enc["prompt_with"], enc["response"], s["pir"], s["weights"]).items():
@@ -219,7 +192,7 @@ def build_export(records: list[dict], scored: list[dict], builder, tokenizer, *,
             stats.add(segs, runs, s["weights"][:n])
             if not exact:
                 stats.not_round_trip.append(str(record["id"]))
-            rows.append(swift_row(prompt_text, segs, builder.system_prompt))
+            rows.append(swift_row(enc["prompt_with_text"], segs, builder.system_prompt))
     return Export(cols, rows, stats)
 
 

@@ -43,6 +43,9 @@ def test_profile_cut_to_nothing_is_counted_and_warned(tiny, caplog):
     e = partial.encode(rec)
     assert not e["profile_removed"] and partial.stats.profile_cut == 1 and partial.stats.profile_removed == 0
     assert len(e["prompt_with"]) > len(e["prompt_without"])
+    # the user text it returns is the cut prompt's (a text-level export renders it again)
+    assert partial.prompt_ids(e["prompt_with_text"]) == e["prompt_with"]
+    assert "word0" in e["prompt_with_text"] and "word119" not in e["prompt_with_text"]
 
 
 @pytest.mark.parametrize("room", [2, 40, 400])
