@@ -98,6 +98,9 @@ def test_two_processes_match_one(tmp_path):
         # checkpoint leaves behind (constant LR, so max_steps does not change the schedule)
         _every_k(data, tmp_path / "every_k_resumed", 2, 2),
         _every_k(data, tmp_path / "every_k_resumed", 2, 4, "--resume"),
+        # nextquill divides by its weights' sum, which a micro-batch knows only for itself (losses.
+        # weighted_nll, "weights"): 2 processes x batch 2 are 1 process x batch 2 x grad_accum 2
+        _argv(data, tmp_path / "nextquill", 2, 1, "nextquill"),
     ]
     accum_cfg = str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml")
     procs = {}
@@ -107,7 +110,8 @@ def test_two_processes_match_one(tmp_path):
                                                              "--main_process_port", "0"],
                                      [_argv(data, tmp_path / "ddp_accum", 1, 2)])
         # the 1-process references run meanwhile (start-up is mostly imports)
-        for argv in (_argv(data, tmp_path / "ref", 4, 1), _every_k(data, tmp_path / "every_k_ref", 4)):
+        for argv in (_argv(data, tmp_path / "ref", 4, 1), _every_k(data, tmp_path / "every_k_ref", 4),
+                     _argv(data, tmp_path / "nextquill_ref", 2, 2, "nextquill")):
             rc, _, err = run_cli(argv)
             assert rc == 0, err
         outs = {name: p.communicate(timeout=480) for name, p in procs.items()}   # a DDP stall ends here
@@ -130,6 +134,9 @@ def test_two_processes_match_one(tmp_path):
     # exactly the PIR one process reuses, also after a resume from rank 0's checkpoint.
     _same_run(tmp_path / "every_k", tmp_path / "every_k_ref", "every_k, 2 processes")
     _same_run(tmp_path / "every_k_resumed", tmp_path / "every_k_ref", "every_k, 2 processes, resumed")
+    # nextquill (two with-gradient forwards, a weight-sum normalization): each rank's micro-batch is
+    # the one the accumulating process sees at the same place in the step
+    _same_run(tmp_path / "nextquill", tmp_path / "nextquill_ref", "nextquill, 2 processes")
     # --on-nonfinite skip with 2 processes: only the rank holding example 5 sees inf, yet both skip
     # that micro-batch together (a lone skip would leave the other rank waiting in DDP's all-reduce).
     skip = json.loads((tmp_path / "skip" / "train_results.json").read_text())

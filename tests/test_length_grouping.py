@@ -59,9 +59,17 @@ def _padding(rows, order, batch):
 def test_every_example_once_per_epoch_with_a_short_last_step():
     from percontrast.encoding import length_grouped_order
     rows = _rows(_study_like_lengths(103))          # 25 full steps of 4 and one of 3
+    prompt = [len(r["prompt_with"]) for r in rows]
     for epoch in range(3):
         order = length_grouped_order(rows, 4, seed=0, epoch=epoch)
         assert sorted(order) == list(range(103))
+        # Each step is 4 neighbours of a run sorted by prompt length, and steps move as units, so every
+        # slice the Trainer cuts from the start is sorted; a short step shuffled in among the others
+        # would shift every later slice across two steps (and this check fails for such an order).
+        steps = [order[a:a + 4] for a in range(0, 103, 4)]
+        assert [len(s) for s in steps] == [4] * 25 + [3]
+        for s in steps:
+            assert [prompt[i] for i in s] == sorted(prompt[i] for i in s), (epoch, s)
 
 
 def test_order_is_a_function_of_seed_and_epoch():
