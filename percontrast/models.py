@@ -202,6 +202,10 @@ def load_model(name: str, *, dtype: str = "auto", trust_remote_code: bool = Fals
             if isinstance(e, KeyError):
                 first = f"missing key {first} in a config or tokenizer file"
             raise UserError(f"could not load model {name!r} as a {where}: {first[:300]}") from None
+        if convert:
+            # A LoRA adapter records its base as this name, which load_model resolves on any machine,
+            # not as this machine's cache folder.
+            model.config._name_or_path = model.name_or_path = name
     return _finish(model, tok, device)
 
 

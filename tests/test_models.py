@@ -139,3 +139,24 @@ def test_smollm2_profile_raises_likelihood_of_personal_sample():
     pir = [v for r in res for v in r["pir"]]
     assert torch.isfinite(torch.tensor(pir)).all()  # no NaN and no +-inf
     assert sum(pir) / len(pir) > 0.2
+
+
+@pytest.mark.slow
+def test_a_lora_adapter_on_a_builtin_records_its_name(tmp_path):
+    """An adapter trained on a built-in names it ("smollm2-135m"), not this machine's cache folder, so
+    the adapter folder loads on another machine (load_model converts the built-in there)."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = models.load_model("smollm2-135m")
+    assert base.name_or_path == "smollm2-135m"
+    lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    acfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert acfg["base_model_name_or_path"] == "smollm2-135m"
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        want = lora(input_ids=ids).logits
+        again, _ = models.load_model(str(tmp_path / "adapter"))
+        assert torch.equal(again(input_ids=ids).logits, want)   # the same weights, the same ops
