@@ -138,6 +138,9 @@ def test_resume_skips_finished_cells(tmp_path, fake_training):
     assert sorted(fake_training) == sorted([("ce", 0, 2e-5, 0.8), ("ce", 1, 2e-5, 0.8),
                                             ("perce", 0, 2e-5, 0.8), ("perce", 1, 2e-5, 0.8)])
     assert r1["cells_computed"] == 4
+    # each cell says which machine, commit and date made it (a study's cells span sessions)
+    cell = json.loads((tmp_path / "cmp" / "cells" / "ce__seed0__lr2e-05__test.json").read_text())
+    assert cell["run"]["machine"] and cell["run"]["date"].endswith("UTC") and "torch" in cell["run"]["versions"]
     fake_training.clear()
     r2 = C.run(cfg)
     assert fake_training == [] and r2["cells_skipped"] == 4 and r2["cells_computed"] == 0

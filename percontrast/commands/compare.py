@@ -947,7 +947,9 @@ def run(cfg: CompareConfig) -> dict:
                     "eval_s": round(eval_s, 2), "peak_mem_bytes": max(mem.peak, emem.peak), "mem_kind": mem.kind,
                     "examples": [{"id": r["id"], "prediction": texts[i] if texts else None, "scores": per[i],
                                   **({"new_tokens": gen_info[i]["new_tokens"]} if gen_info else {})}
-                                 for i, r in enumerate(recs)], **judged}
+                                 for i, r in enumerate(recs)], **judged,
+                    # a study's cells come from many sessions and machines: each says which ran it
+                    "run": run_info()}
             write_text_atomic(c["path"], json.dumps(cell, indent=1, default=str))
             done += 1
         if st is not None and tcfg.save_steps > 0:   # every cell of the job is written: its checkpoints go
