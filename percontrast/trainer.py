@@ -161,10 +161,7 @@ class PerCELossMixin:
         if not (self.signal_needs_eval_pass and model.training):   # an eval-mode forward saw no dropout already
             return logp.detach(), logits.detach()
         with torch.no_grad(), eval_mode(model):
-            if self.perce.fast:
-                lg = with_profile_logits(model, inputs)
-                return token_logprobs(lg, inputs["response_ids"]), lg
-            return naive_with_profile_logp(model, inputs)
+            return self._with_profile_forward(model, inputs)
 
     def _any_rank(self, flag: bool) -> bool:
         if self.accelerator.num_processes == 1:
@@ -243,14 +240,27 @@ class PerCELossMixin:
         return out
 
     # -- M-step ---------------------------------------------------------------------
+    def _with_profile_forward(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs [B, R], logits [B, R, V]) of the gold tokens with the profile, with grad."""
+        if self.perce.fast:
+            logits = with_profile_logits(model, inputs)
+            return token_logprobs(logits, inputs["response_ids"]), logits
+        return naive_with_profile_logp(model, inputs)
+
+    def _checked_and_scaled(self, model, inputs, loss, num_items_in_batch, extra: dict) -> torch.Tensor:
+        """The loss after the non-finite check (training only: an evaluation reports what it gets, a
+        NaN eval loss shows; it never skips or stops) and scaled for DDP, which averages gradients over
+        processes while num_items_in_batch counts every process's tokens."""
+        if model.training:
+            self._check_finite(loss, inputs, {k: v for k, v in extra.items() if torch.is_tensor(v)})
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return loss
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         p = self.perce
-        targets, mask = inputs["response_ids"], inputs["response_mask"]
-        if p.fast:
-            logits = with_profile_logits(model, inputs)             # [B, R, V], with grad
-            logp = token_logprobs(logits, targets)                  # [B, R]
-        else:
-            logp, logits = naive_with_profile_logp(model, inputs)
+        mask = inputs["response_mask"]
+        logp, logits = self._with_profile_forward(model, inputs)   # [B, R], [B, R, V]
         extra = {}
         if p.method in ("perce", "threshold"):
             extra["pir"] = self._pir(model, inputs, lambda: self._signal_logits(model, inputs, logp, logits)[0])
@@ -268,11 +278,7 @@ class PerCELossMixin:
                 extra["token_loss"] = -sig_logp
         loss = LOSSES[p.method](logp, mask, clip_min=p.clip_min, clip_max=p.clip_max, normalize=p.normalize,
                                 num_items=num_items_in_batch, **extra)
-        if model.training:   # an evaluation reports what it gets (a NaN eval loss shows); it never skips or stops
-            self._check_finite(loss, inputs, {k: v for k, v in extra.items() if torch.is_tensor(v)})
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # DDP averages gradients over processes; num_items_in_batch counts all of them.
-            loss = loss * self.accelerator.num_processes
+        loss = self._checked_and_scaled(model, inputs, loss, num_items_in_batch, extra)
         if model.training:
             self._record(p, logp.detach(), mask, extra)
         return (loss, {"logits": logits}) if return_outputs else loss

@@ -61,9 +61,7 @@ from .encoding import PairedCollator
 from .errors import UserError
 from .losses import weighted_nll
 from .options import LossOptions, PromptOptions
-from .pir import token_logprobs
 from .prompts import TASKS, get_task, personalized_prompt
-from .scoring import naive_with_profile_logp, with_profile_logits
 from .trainer import PerCELossMixin
 from .weights_export import export_metadata, read_example
 
@@ -457,18 +455,11 @@ class PerCESFTTrainer(PerCELossMixin, AtomicCheckpointMixin, SFTTrainer):
         # Offline weights: the online M-step with the stored weights in place of clip(PIR), and no E-step.
         # The same with-profile log-probs (scoring.py) and the same rule (losses.weighted_nll, n =
         # num_items_in_batch, the response tokens of the optimizer step) as PerCELossMixin.compute_loss.
-        p, mask = self.perce, inputs["response_mask"]
-        if p.fast:
-            logits = with_profile_logits(model, inputs)
-            logp = token_logprobs(logits, inputs["response_ids"])
-        else:
-            logp, logits = naive_with_profile_logp(model, inputs)
-        weights = inputs["weights"]
-        loss = weighted_nll(logp, weights, mask, p.normalize, num_items_in_batch)
-        if model.training:
-            self._check_finite(loss, inputs, {})   # the weights were checked finite when the dataset was prepared
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes   # as the mixin: DDP averages, n counts every process
+        mask = inputs["response_mask"]
+        logp, logits = self._with_profile_forward(model, inputs)
+        weights = inputs["weights"]   # checked finite when the dataset was prepared
+        loss = weighted_nll(logp, weights, mask, self.perce.normalize, num_items_in_batch)
+        loss = self._checked_and_scaled(model, inputs, loss, num_items_in_batch, {})
         if model.training and mask.any():
             m = mask.bool()
             self._perce_metrics["mean_weight"].append(weights.to(logp.dtype)[m].mean().item())
