@@ -71,12 +71,18 @@ def response_nll(model, batch: dict) -> tuple[float, float]:
     return float(-(logp * mask).sum()), float(mask.sum())
 
 
+def counterfactual_response_logits(model, batch: dict) -> torch.Tensor:
+    """Logits [B, R, V] of the profile-free pass at the response-predicting positions, with grad
+    (NextQuill's auxiliary term trains through it); ``counterfactual_logits`` is the E-step's."""
+    return response_logits(model, batch["cf_input_ids"], batch["cf_attention_mask"],
+                           batch["cf_position_ids"], batch["cf_resp_start"], batch["response_ids"].shape[1])
+
+
 @torch.no_grad()
 def counterfactual_logits(model, batch: dict) -> torch.Tensor:
     """Logits [B, R, V] of the profile-free pass at the response-predicting positions, no autograd state."""
     with _no_checkpointing(model):
-        return response_logits(model, batch["cf_input_ids"], batch["cf_attention_mask"],
-                               batch["cf_position_ids"], batch["cf_resp_start"], batch["response_ids"].shape[1])
+        return counterfactual_response_logits(model, batch)
 
 
 @torch.no_grad()
@@ -118,11 +124,16 @@ def naive_counterfactual_logp(model, batch: dict) -> torch.Tensor:
                                batch["cf_resp_start"], batch["response_ids"])[0]
 
 
+def naive_counterfactual_response_logits(model, batch: dict) -> torch.Tensor:
+    """Profile-free logits [B, R, V] the naive way, with grad."""
+    return naive_response_logp(model, batch["cf_input_ids"], batch["cf_attention_mask"], batch["cf_position_ids"],
+                               batch["cf_resp_start"], batch["response_ids"])[1]
+
+
 @torch.no_grad()
 def naive_counterfactual_logits(model, batch: dict) -> torch.Tensor:
     """Profile-free logits [B, R, V] the naive way (jsd's E-step)."""
-    return naive_response_logp(model, batch["cf_input_ids"], batch["cf_attention_mask"], batch["cf_position_ids"],
-                               batch["cf_resp_start"], batch["response_ids"])[1]
+    return naive_counterfactual_response_logits(model, batch)
 
 
 @dataclass

@@ -56,8 +56,9 @@ from .losses import (CONTRAST_METHODS, LOSSES, NEXTQUILL_MARGIN, clip_weights, n
                      relative_jsd, threshold_weights)
 from .options import LossOptions
 from .pir import js_divergence, token_entropy, token_logprobs, upcast
-from .scoring import (counterfactual_logits, counterfactual_logp, naive_counterfactual_logits, naive_counterfactual_logp,
-                      naive_response_logp, naive_with_profile_logp, response_logits, with_profile_logits)
+from .scoring import (counterfactual_logits, counterfactual_logp, counterfactual_response_logits,
+                      naive_counterfactual_logits, naive_counterfactual_logp, naive_counterfactual_response_logits,
+                      naive_with_profile_logp, with_profile_logits)
 
 logger = logging.getLogger(__name__)
 
@@ -150,10 +151,8 @@ class PerCELossMixin:
         """Profile-free logits [B, R, V] WITH gradient, in the model's current (training) mode: NextQuill's
         auxiliary term trains through this forward, so it is not the no-grad E-step."""
         self.counterfactual_passes += 1
-        args = (inputs["cf_input_ids"], inputs["cf_attention_mask"], inputs["cf_position_ids"], inputs["cf_resp_start"])
-        if self.perce.fast:
-            return response_logits(model, *args, inputs["response_ids"].shape[1])
-        return naive_response_logp(model, *args, inputs["response_ids"])[1]
+        fn = counterfactual_response_logits if self.perce.fast else naive_counterfactual_response_logits
+        return fn(model, inputs)
 
     def _signal_logits(self, model, inputs, logp: torch.Tensor, logits: torch.Tensor):
         """(log-probs [B, R], logits [B, R, V]) with the profile, detached, as the weights must see
