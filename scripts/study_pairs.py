@@ -177,11 +177,9 @@ def _diff_table(ca: list[dict], cb: list[dict], metric: str, want_diff: float) -
     of both arms defines). Its mean must be vs_reference's difference bit for bit (the same numpy
     operations on the same table): if compare's pairing ever changes, this refuses instead of
     reporting intervals around another number."""
-    from percontrast.commands.compare_report import score_table
+    from percontrast.commands.compare_report import paired_ids, score_table
 
-    all_ids = [e["id"] for e in cb[0]["examples"]]
-    defined = [{e["id"] for e in c["examples"] if e["scores"].get(metric) is not None} for c in ca + cb]
-    ids = [i for i in all_ids if all(i in d for d in defined)]
+    ids, all_ids = paired_ids(ca, cb, metric)
     d = np.asarray(score_table(ca, metric, ids, all_ids)) - np.asarray(score_table(cb, metric, ids, all_ids))
     if float(d.mean()) != want_diff:
         raise SystemExit(f"internal: {metric} pairing differs from compare's vs_reference "
@@ -207,13 +205,11 @@ def _eval_set_spec(run: Path, eval_set: str) -> dict | None:
     p = run / "compare_config.json"
     if not p.exists():
         return None
+    from percontrast.commands.compare import resolve_eval_sets
+
     cfg = json.loads(p.read_text())
-    if eval_set == "test" and cfg.get("test_data"):
-        return {"data": cfg["test_data"], "task": cfg["task"], "limit": cfg.get("test_limit")}
-    for es in cfg.get("eval_sets") or []:
-        if str(es.get("name") or Path(str(es["data"])).stem) == eval_set:
-            return {"data": str(es["data"]), "task": es.get("task", cfg["task"]), "limit": es.get("limit")}
-    return None
+    sets = resolve_eval_sets(cfg.get("test_data"), cfg["task"], cfg.get("test_limit"), cfg.get("eval_sets") or [])
+    return next((es for es in sets if es["name"] == eval_set), None)
 
 
 def _user_ids(run: Path, cells: list[dict], eval_set: str, records: str | None) -> tuple[dict[str, str], str]:

@@ -61,6 +61,18 @@ _OWNED = {"method", "seed", "learning_rate", "clip_min", "clip_max", "output_dir
           "model", "data", "task", "k", "retriever", "max_length", "limit", "dtype", "trust_remote_code"}
 
 
+def resolve_eval_sets(test_data: str | None, task: str, test_limit: int | None, eval_sets: list[dict]) -> list[dict]:
+    """Every eval set as {name, data, task, limit}: ``test_data`` as set 'test', then ``eval_sets``
+    (name: its own or the data file's stem; task: its own or the config's). Also what study_pairs
+    reads back from a run's compare_config.json."""
+    sets = [{"name": "test", "data": test_data, "task": task, "limit": test_limit}] if test_data else []
+    for es in eval_sets:
+        name = es.get("name") or Path(str(es["data"])).stem
+        sets.append({"name": str(name), "data": str(es["data"]), "task": es.get("task", task),
+                     "limit": es.get("limit")})
+    return sets
+
+
 @dataclass
 class CompareConfig(JudgeOptions, ModelDataOptions, DecodingOptions):   # judge flags listed last
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS),
@@ -219,13 +231,7 @@ class CompareConfig(JudgeOptions, ModelDataOptions, DecodingOptions):   # judge 
         return self.method_seeds.get(arm, self.seeds)
 
     def eval_sets_resolved(self) -> list[dict]:
-        sets = [{"name": "test", "data": self.test_data, "task": self.task, "limit": self.test_limit}] \
-            if self.test_data else []
-        for es in self.eval_sets:
-            name = es.get("name") or Path(str(es["data"])).stem
-            sets.append({"name": str(name), "data": str(es["data"]), "task": es.get("task", self.task),
-                         "limit": es.get("limit")})
-        return sets
+        return resolve_eval_sets(self.test_data, self.task, self.test_limit, self.eval_sets)
 
     def settings(self) -> list[dict]:
         """The (learning rate, clip) grid; each point is a separate set of trained models."""

@@ -157,6 +157,16 @@ def score_table(cells: list[dict], metric: str, ids: list[str], all_ids: list[st
     return rows
 
 
+def paired_ids(cells: list[dict], ref_cells: list[dict], metric: str) -> tuple[list[str], list[str]]:
+    """(the example ids a paired difference of ``metric`` averages, every example id in order). A
+    per-example metric may be undefined for some examples (nll_personal: no personal token, the same
+    set for every arm; judge: no digit among a server's top tokens, per arm): pairs drop out where any
+    cell of either arm has no value, so both sides average the same examples."""
+    all_ids = [e["id"] for e in ref_cells[0]["examples"]]
+    defined = [{e["id"] for e in c["examples"] if e["scores"].get(metric) is not None} for c in cells + ref_cells]
+    return [i for i in all_ids if all(i in d for d in defined)], all_ids
+
+
 def vs_reference(cells: list[dict], ref_cells: list[dict], metric: str, resamples: int) -> tuple[dict, float | None]:
     """Paired difference (method - reference) of ``metric`` over shared seeds x examples:
     mean, examples-only bootstrap (seed-averaged per-example scores; ``lo``/``hi``), and the
@@ -165,12 +175,7 @@ def vs_reference(cells: list[dict], ref_cells: list[dict], metric: str, resample
 
     from ..stats import paired_bootstrap, relative_gain, two_level_bootstrap
 
-    all_ids = [e["id"] for e in ref_cells[0]["examples"]]
-    # a per-example metric may be undefined for some examples (nll_personal: no personal token, the
-    # same set for every arm; judge: no digit among a server's top tokens, per arm): pairs drop out
-    # where any cell of either arm has no value, so both sides average the same examples.
-    defined = [{e["id"] for e in c["examples"] if e["scores"].get(metric) is not None} for c in cells + ref_cells]
-    ids = [i for i in all_ids if all(i in d for d in defined)]
+    ids, all_ids = paired_ids(cells, ref_cells, metric)
     if not ids:
         return None, None
     a = np.asarray(score_table(cells, metric, ids, all_ids))      # [S, I]
