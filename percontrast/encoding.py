@@ -25,8 +25,8 @@ import torch
 
 from .errors import UserError
 from .prompts import (COUNTERFACTUAL_PROMPTS, Task, counterfactual_prompt, personalized_prompt, profile_parts,
-                      profile_words, query_text, shown_items)
-from .retrieval import retrieve
+                      profile_words, shown_items)
+from .retrieval import retrieve_for
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +130,7 @@ class PromptBuilder:
         return ids + ([self.end_id] if self.end_id is not None else [])
 
     def profile_items(self, record: dict, profile: list[dict] | None = None) -> list[dict]:
-        profile = record["profile"] if profile is None else profile
-        return retrieve(self.task, query_text(self.task, record["input"]), profile, self.k,
-                        self.retriever, record_id=str(record["id"]), seed=self.seed)
+        return retrieve_for(self.task, record, self.k, self.retriever, self.seed, profile)
 
     # -- the pair --------------------------------------------------------------
     def encode(self, record: dict, *, with_response: bool = True, profile: list[dict] | None = None,

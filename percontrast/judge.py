@@ -130,11 +130,9 @@ def profile_for_judge(task, record: dict, prompt_opts) -> list[str]:
     """The profile items the generating prompt retrieved (same k, retriever, seed), rendered as the
     task's template renders them, each item's long text cut to ITEM_WORDS words. Before the
     generating prompt's own length cut: the judge sees the items, not a tokenizer's budget."""
-    from .prompts import query_text
-    from .retrieval import retrieve
+    from .retrieval import retrieve_for
 
-    items = retrieve(task, query_text(task, record["input"]), record.get("profile") or [], prompt_opts.k,
-                     prompt_opts.retriever, record_id=str(record["id"]), seed=prompt_opts.seed)
+    items = retrieve_for(task, record, prompt_opts.k, prompt_opts.retriever, prompt_opts.seed)
     out = []
     for it in items:
         if task.text_field is not None and task.text_field in it:

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import UserError
-from .prompts import Task
+from .prompts import Task, query_text
 
 RETRIEVERS = ("bm25", "recent", "random", "first", "dense:<model dir>")
 _TOKEN = re.compile(r"\S+")
@@ -71,6 +71,15 @@ def dense_rank(model_dir: str, query: str, docs: Sequence[str]) -> list[int]:
         emb = torch.nn.functional.normalize((hid * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
         scores = (emb[1:] @ emb[0]).tolist()
     return sorted(range(len(docs)), key=lambda i: (-scores[i], i))
+
+
+def retrieve_for(task: Task, record: dict, k: int, method: str = "bm25", seed: int = 0,
+                 profile: list[dict] | None = None) -> list[dict]:
+    """The items a prompt for ``record`` shows: its profile (or ``profile``, another user's) ranked
+    against the query text of its input. The one call behind the prompt builder and the judge."""
+    profile = (record.get("profile") or []) if profile is None else profile
+    return retrieve(task, query_text(task, record["input"]), profile, k, method,
+                    record_id=str(record["id"]), seed=seed)
 
 
 def retrieve(task: Task, query: str, profile: list[dict], k: int, method: str = "bm25",
