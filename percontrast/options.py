@@ -269,10 +269,15 @@ class JudgeOptions:
         _parent_post_init(self, JudgeOptions)
 
     def _server_judge(self):
-        from .judge import ServerJudge
-        return ServerJudge(self.judge, model=self.judge_model, api=self.judge_api,
-                           api_key_env=self.judge_api_key_env, timeout=self.judge_timeout,
-                           retries=self.judge_retries, concurrency=self.judge_batch_size)
+        """The server judge these options name, built once (not a field: never in YAML or asdict), so
+        the model it resolved for judge_description is the one make_judge hands out."""
+        j = self.__dict__.get("_server")
+        if j is None:
+            from .judge import ServerJudge
+            j = self.__dict__["_server"] = ServerJudge(
+                self.judge, model=self.judge_model, api=self.judge_api, api_key_env=self.judge_api_key_env,
+                timeout=self.judge_timeout, retries=self.judge_retries, concurrency=self.judge_batch_size)
+        return j
 
     def judge_description(self) -> dict | None:
         """What decides the judge's scores (compare hashes it into every cell), without loading a
@@ -282,12 +287,9 @@ class JudgeOptions:
         from .judge import is_server, local_description
         if not is_server(self.judge):
             return local_description(self.judge, self.judge_dtype)
-        cached = self.__dict__.get("_judge_description")   # not a field: never in YAML or asdict
-        if cached is None:
-            j = self._server_judge()
-            j.resolve_model()
-            cached = self.__dict__["_judge_description"] = j.describe()
-        return cached
+        j = self._server_judge()
+        j.resolve_model()   # asks the server once, when --judge-model is not given
+        return j.describe()
 
     def make_judge(self, trust_remote_code: bool = False):
         """The judge these options describe, checked (a server reached and returning log-probs, a
@@ -297,7 +299,6 @@ class JudgeOptions:
         from .judge import LocalJudge, is_server
         if is_server(self.judge):
             j = self._server_judge()
-            j.model = (self.judge_description() or {}).get("model")
         else:
             j = LocalJudge(self.judge, dtype=self.judge_dtype, trust_remote_code=trust_remote_code,
                            batch_size=self.judge_batch_size)

@@ -193,6 +193,18 @@ def test_server_judge_requests_and_scores(fake_server, monkeypatch):
     assert J.normalize_base_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000/v1"
 
 
+def test_options_ask_the_server_for_its_model_once(fake_server):
+    """compare hashes judge_description() and then judges with make_judge(): one server judge, one
+    GET /models between them."""
+    from percontrast.options import JudgeOptions
+    srv = fake_server()
+    opts = JudgeOptions(judge=srv.url)
+    assert opts.judge_description()["model"] == "fake-judge"
+    j = opts.make_judge()
+    assert j is opts.make_judge() and j.model == "fake-judge"
+    assert [r[1] for r in srv.requests].count("/v1/models") == 1
+
+
 def test_server_failures_are_one_line(fake_server, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     msgs = [J.judge_messages(["p"], "x", "y", "z")]
