@@ -2,6 +2,7 @@
 model whose training ended before its evaluations did is evaluated without training again."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -90,6 +91,19 @@ def test_training_stopped_mid_way_resumes_to_the_uninterrupted_cells(tmp_path, m
     assert sorted(p.name for p in tdir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert json.loads((tdir / C.JOB_FILE).read_text())["train_s"]["3"] > 0
     assert not (out / "cells" / "perce__seed0__lr0.03__clip0.8-5__test.json").exists()
+
+    # --dry-run says how far each model got, and touches nothing
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    plan = C.run(dataclasses.replace(_cfg(out), dry_run=True))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    step3 = json.loads((tdir / C.JOB_FILE).read_text())["train_s"]["3"]
+    assert plan["plan"] == ["ce seed 0 lr 0.03: done",
+                            f"perce seed 0 lr 0.03 clip 0.8:5: 0 done, 0 reusable, 1 to do; "
+                            f"checkpoint at step 3, {step3:.0f} s trained"]
+    assert plan["models_to_build"] == 1 and plan["cells_todo"] == 1
+    fresh = tmp_path / "fresh"
+    assert C.run(dataclasses.replace(_cfg(fresh), dry_run=True))["cells_todo"] == 2
+    assert not fresh.exists()
 
     C.run(_cfg(out))
     got = _cells(out)

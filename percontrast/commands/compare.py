@@ -110,6 +110,9 @@ class CompareConfig(JudgeOptions, ModelDataOptions, DecodingOptions):   # judge 
     progress: bool = field(True, help="Show progress bars.")
     summarize_only: bool = field(False, help="Only rebuild results.md/json/png from the finished cells; "
                                  "train and evaluate nothing (e.g. after a time-boxed run).")
+    dry_run: bool = field(False, help="Print the plan and exit: every model to train (method, seed, lr, clip), "
+                          "its cells finished / reusable / to do, and an interrupted training's last checkpoint "
+                          "(step, seconds trained). Trains, evaluates and writes nothing.")
     generate: bool = field(True, help="Generate and score with the overlap metrics; --no-generate: likelihood "
                            "metrics only (no decoding: cheap and low-noise, e.g. a learning-rate search on validation).")
     likelihood: bool = field(False, help="Also score the gold responses (no generation): NLL/token with the "
@@ -147,6 +150,8 @@ class CompareConfig(JudgeOptions, ModelDataOptions, DecodingOptions):   # judge 
                             "name in variants "
                             f"({', '.join(self.variants) or 'none defined'})")
         self.methods = list(dict.fromkeys(self.methods))
+        if self.dry_run and self.summarize_only:
+            raise UserError("--dry-run writes nothing and --summarize-only writes the tables: give one")
         if not self.generate and not self.likelihood:
             raise UserError("--no-generate measures nothing without --likelihood")
         if self.specific_tokens and not self.likelihood:
@@ -647,6 +652,46 @@ def _plan(cfg, jobs, eval_sets, digests, out: Path, judge: dict | None = None) -
     return plan
 
 
+def describe_plan(plan: list[dict], out: Path) -> dict:
+    """--dry-run: per model to build, its cells' state and, for a checkpointed training of this job
+    in ``out/_train``, how far it got (the step of its last checkpoint, the seconds trained up to it)
+    or that it finished training (``final/``, its evaluation pending). Reads, never writes."""
+    jobs, lines = [], []
+    for job in plan:
+        cells = job["cells"]
+        if not cells:
+            continue
+        st = job["setting"]
+        done = sum(c["path"].exists() for c in cells)
+        reuse = sum(c["reuse"] is not None for c in cells)
+        row = {"method": job["method"], "seed": job["seed"], "lr": st["lr"] if st else None,
+               "clip": f"{st['clip_min']:g}:{st['clip_max']:g}" if st and uses_clip(job["method"]) else None,
+               "cells_done": done, "cells_reusable": reuse, "cells_todo": len(cells) - done - reuse}
+        if st is not None and row["cells_todo"]:
+            tdir = out / "_train" / _train_dir_name(job["method"], job["seed"], st)
+            try:
+                state = json.loads((tdir / JOB_FILE).read_text())
+            except (OSError, ValueError):
+                state = {}
+            if isinstance(state, dict) and state.get("job") == digest(cells[0]["definition"]["train"]):
+                if (tdir / FINAL / FINAL_INFO).is_file():
+                    row["training"] = "finished (evaluation pending)"
+                elif state.get("train_s"):
+                    step = max(state["train_s"], key=int)
+                    row["training"] = f"checkpoint at step {step}, {state['train_s'][step]:.0f} s trained"
+        jobs.append(row)
+        what = " ".join(x for x in (row["method"], f"seed {row['seed']}",
+                                    f"lr {row['lr']:g}" if row["lr"] is not None else "",
+                                    f"clip {row['clip']}" if row["clip"] else "") if x)
+        state = "done" if not row["cells_todo"] and not reuse else \
+            f"{done} done, {reuse} reusable, {row['cells_todo']} to do" + \
+            (f"; {row['training']}" if row.get("training") else "")
+        lines.append(f"{what}: {state}")
+    todo = [j for j in jobs if j["cells_todo"]]
+    return {"output_dir": str(out), "models": len(jobs), "models_to_build": len(todo),
+            "cells_todo": sum(j["cells_todo"] for j in jobs), "plan": lines, "jobs": jobs}
+
+
 def _generate(model, tok, recs, es: dict, cfg: CompareConfig, arm: str, seed: int,
               options: DecodingOptions | None = None) -> tuple[list[str], dict, list]:
     """Predictions for one eval set, the prompt-length counters (profile cut / removed) and, per
@@ -862,6 +907,8 @@ def run(cfg: CompareConfig) -> dict:
     digests = record_digests(train_records, eval_records)
     judge_desc = cfg.judge_description()   # names only: a server is asked for its model, nothing loads
     plan = _plan(cfg, _jobs(cfg, settings, base_seeds), eval_sets, digests, out, judge_desc)
+    if cfg.dry_run:
+        return describe_plan(plan, out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     for c in (c for job in plan for c in job["cells"] if c["reuse"] is not None):
         write_text_atomic(c["path"], c["reuse"].read_text())   # same settings hash: the same cell
