@@ -240,7 +240,8 @@ class PerCELossMixin:
 
     # -- M-step ---------------------------------------------------------------------
     def _with_profile_forward(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs [B, R], logits [B, R, V]) of the gold tokens with the profile, with grad."""
+        """(log-probs [B, R], logits [B, R, V]) of the gold tokens with the profile (with grad where
+        grad is on: the training forward; the signal pass calls it under no_grad)."""
         if self.perce.fast:
             logits = with_profile_logits(model, inputs)
             return token_logprobs(logits, inputs["response_ids"]), logits

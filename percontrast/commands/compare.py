@@ -683,10 +683,10 @@ def describe_plan(plan: list[dict], out: Path) -> dict:
         what = " ".join(x for x in (row["method"], f"seed {row['seed']}",
                                     f"lr {row['lr']:g}" if row["lr"] is not None else "",
                                     f"clip {row['clip']}" if row["clip"] else "") if x)
-        state = "done" if not row["cells_todo"] and not reuse else \
+        status = "done" if not row["cells_todo"] and not reuse else \
             f"{done} done, {reuse} reusable, {row['cells_todo']} to do" + \
             (f"; {row['training']}" if row.get("training") else "")
-        lines.append(f"{what}: {state}")
+        lines.append(f"{what}: {status}")
     todo = [j for j in jobs if j["cells_todo"]]
     return {"output_dir": str(out), "models": len(jobs), "models_to_build": len(todo),
             "cells_todo": sum(j["cells_todo"] for j in jobs), "plan": lines, "jobs": jobs}
