@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("PERCONTRAST_VENV", ROOT / ".venv"))
 REQS = [ROOT / "requirements.txt", ROOT / "requirements-model.txt", ROOT / "pyproject.toml"]
 TEST_REQS = ROOT / "requirements-test.txt"
+LLAMA_CPP_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
 TORCH_INDEX_VAR = "PERCONTRAST_TORCH_INDEX"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
@@ -112,11 +113,21 @@ def setup_tests() -> None:
     llama-cpp-python, which PyPI has only as source (pip compiles llama.cpp once, then caches the
     wheel), so the demo does not pay for it. Stamped like the main set-up."""
     stamp = VENV / ".percontrast-test-requirements"
-    digest = hashlib.sha256(TEST_REQS.read_bytes()).hexdigest()
+    # A portable llama.cpp build: the default (-march=native) build segfaulted on its first completion
+    # on an Intel Xeon with AMX (2026-12-04; its AMX / AVX-512 code paths), while AVX2 runs on every
+    # x86-64 machine these tests meet. $CMAKE_ARGS, when set, wins. No pip cache for it: pip keys a
+    # built wheel by the source alone, so a cached native build would come back.
+    cmake = os.environ.get("CMAKE_ARGS") or LLAMA_CPP_CMAKE_ARGS
+    digest = hashlib.sha256(TEST_REQS.read_bytes() + cmake.encode()).hexdigest()
     if stamp.exists() and stamp.read_text() == digest:
         return
-    print(f"[run.py] installing {TEST_REQS.name} (llama-cpp-python compiles once: several minutes) ...", flush=True)
-    _pip([str(_bin("python")), "-m", "pip", "--disable-pip-version-check", "-q", "install", "-r", str(TEST_REQS)])
+    print(f"[run.py] installing {TEST_REQS.name} (llama-cpp-python compiles: several minutes) ...", flush=True)
+    env = {**os.environ, "CMAKE_ARGS": cmake}
+    rc = subprocess.call([str(_bin("python")), "-m", "pip", "--disable-pip-version-check", "-q", "install",
+                          "--no-cache-dir", "-r", str(TEST_REQS)], env=env)
+    if rc != 0:
+        raise SetupError(f"set-up of {VENV} failed: pip install -r {TEST_REQS.name} exited with {rc} "
+                         "(pip's message is above)")
     stamp.write_text(digest)
 
 
