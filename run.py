@@ -110,8 +110,8 @@ def _pip(cmd: list[str]) -> None:
 
 def setup_tests() -> None:
     """``requirements-test.txt`` for ``run.py test`` only: the judge's real-server test needs
-    llama-cpp-python, which PyPI has only as source (pip compiles llama.cpp once, then caches the
-    wheel), so the demo does not pay for it. Stamped like the main set-up."""
+    llama-cpp-python, which PyPI has only as source (pip compiles llama.cpp for each new venv, see
+    below), so the demo does not pay for it. Stamped like the main set-up."""
     stamp = VENV / ".percontrast-test-requirements"
     # A portable llama.cpp build: the default (-march=native) build segfaulted on its first completion
     # on an Intel Xeon with AMX (2026-12-04; its AMX / AVX-512 code paths), while AVX2 runs on every
