@@ -101,8 +101,8 @@ def torch_note(version: str, index: str, system: str, machine: str) -> str:
     return f"{where}: on {system} {machine} it may be a multi-GB CUDA build (docs/setup.md)"
 
 
-def _pip(cmd: list[str]) -> None:
-    rc = subprocess.call(cmd)
+def _pip(cmd: list[str], env: dict | None = None) -> None:
+    rc = subprocess.call(cmd, env=env)
     if rc != 0:
         shown = " ".join(cmd[cmd.index("install"):])
         raise SetupError(f"set-up of {VENV} failed: pip {shown} exited with {rc} (pip's message is above)")
@@ -122,12 +122,8 @@ def setup_tests() -> None:
     if stamp.exists() and stamp.read_text() == digest:
         return
     print(f"[run.py] installing {TEST_REQS.name} (llama-cpp-python compiles: several minutes) ...", flush=True)
-    env = {**os.environ, "CMAKE_ARGS": cmake}
-    rc = subprocess.call([str(_bin("python")), "-m", "pip", "--disable-pip-version-check", "-q", "install",
-                          "--no-cache-dir", "-r", str(TEST_REQS)], env=env)
-    if rc != 0:
-        raise SetupError(f"set-up of {VENV} failed: pip install -r {TEST_REQS.name} exited with {rc} "
-                         "(pip's message is above)")
+    _pip([str(_bin("python")), "-m", "pip", "--disable-pip-version-check", "-q", "install", "--no-cache-dir",
+          "-r", str(TEST_REQS)], env={**os.environ, "CMAKE_ARGS": cmake})
     stamp.write_text(digest)
 
 
